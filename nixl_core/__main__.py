@@ -1,0 +1,30 @@
+"""``python -m nixl_core backends``: list the installed backends, available or not and why."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import attrs
+
+from nixl_core._plugins import format_backends, list_backends
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m nixl_core``."""
+    parser = argparse.ArgumentParser(prog="python -m nixl_core")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("backends", help="list installed backends and whether they can run here")
+    b.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args(argv)
+    infos = list_backends()
+    if args.json:
+        print(json.dumps([attrs.asdict(i) for i in infos], indent=2))
+    else:
+        print(format_backends(infos))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

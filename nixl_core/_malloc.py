@@ -1,0 +1,54 @@
+"""glibc malloc tuning for the descriptor path.
+
+Every prep/make allocates numpy temporaries of N x 8 bytes (800 KB for 100k descriptors). glibc
+serves such blocks with mmap and returns them to the kernel on free, so each new temporary costs
+one page fault per 4 KiB page; on virtual machines that is most of the time of a 100k-descriptor
+make. Raising the mmap and trim thresholds keeps freed blocks in the heap for reuse. Applied once,
+when the first agent is created; ``NIXL_MALLOC_TUNE=0`` turns it off. The cost is that up to
+``M_TRIM_THRESHOLD`` bytes of freed heap stay mapped in the process.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import sys
+import threading
+
+logger = logging.getLogger(__name__)
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 64 << 20
+TRIM_THRESHOLD = 256 << 20
+
+_done = False
+_lock = threading.Lock()
+
+
+def tune_malloc() -> bool:
+    """Apply the thresholds once (glibc only). Returns True if they are in effect."""
+    global _done
+    with _lock:
+        if _done:
+            return True
+        if os.environ.get("NIXL_MALLOC_TUNE", "1").strip().lower() in ("0", "no", "off", "false"):
+            return False
+        if not sys.platform.startswith("linux"):
+            return False
+        try:
+            libc = ctypes.CDLL(None)
+            libc.gnu_get_libc_version  # noqa: B018  (present only in glibc)
+            ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1)
+            ok = bool(libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1) and ok
+        except (OSError, AttributeError):
+            return False
+        if ok:
+            logger.info(
+                "glibc malloc: M_MMAP_THRESHOLD=%d, M_TRIM_THRESHOLD=%d (NIXL_MALLOC_TUNE=0 to skip)",
+                MMAP_THRESHOLD,
+                TRIM_THRESHOLD,
+            )
+        _done = ok
+        return ok

@@ -1,0 +1,278 @@
+"""The backend (south-bound) contract every transport plugin implements.
+
+The core owns semantics (registration bookkeeping, descriptor checks, metadata, backend choice,
+the request state machine, notification routing, telemetry, errors); a backend owns bytes. The
+core validates everything before a backend sees it, so backends never re-validate: they receive
+numpy arrays and the per-descriptor registration handles already resolved.
+
+Lifecycle of a backend instance (one per type per agent)::
+
+    b = Backend(agent_name, params)          # may import native libraries
+    handles = b.register(mem_type, rows, metas)
+    blob = b.public_data(handle)             # remote-capable backends: goes into metadata
+    info = b.connection_info()               # remote-capable backends: goes into metadata
+    b.load_remote_conn(peer, info); remote_handles = b.load_remote(peer, mem_type, rows, blobs)
+    req = b.prepare(op, local_side, remote_side, peer)
+    b.post(req, notif) -> DONE | IN_PROGRESS; b.poll(req) -> ...; b.release(req)
+    b.deregister(handles); b.close()
+
+Capabilities are class attributes. ``supports_remote`` implies ``supports_notif`` (as in NIXL).
+``probe()`` must never raise: it says whether the backend can run here and, if not, why.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import attrs
+import numpy as np
+import numpy.typing as npt
+
+from nixl_core.errors import NotSupportedError
+from nixl_core.memory import MemType
+
+__all__ = [
+    "Availability",
+    "Backend",
+    "BackendRequest",
+    "XferOp",
+    "XferSide",
+    "XferStatus",
+]
+
+U64 = npt.NDArray[np.uint64]
+I64 = npt.NDArray[np.int64]
+
+
+class XferOp(enum.Enum):
+    """Transfer direction, seen from the initiator: WRITE pushes local -> remote, READ pulls."""
+
+    READ = "READ"
+    WRITE = "WRITE"
+
+    @classmethod
+    def parse(cls, value: XferOp | str) -> XferOp:
+        """Accept an XferOp or its name.
+
+        Raises:
+            InvalidParamError: unknown op (names it).
+        """
+        if isinstance(value, XferOp):
+            return value
+        if isinstance(value, str):
+            try:
+                return cls[value.strip().upper()]
+            except KeyError:
+                pass
+        from nixl_core.errors import InvalidParamError
+
+        raise InvalidParamError(f"unknown transfer op {value!r}: expected 'READ' or 'WRITE'")
+
+
+class XferStatus(enum.Enum):
+    """State of a transfer request."""
+
+    PENDING = "PENDING"  # made, never posted
+    IN_PROGRESS = "IN_PROGRESS"
+    DONE = "DONE"
+    ERROR = "ERROR"
+
+
+@attrs.frozen
+class Availability:
+    """What :meth:`Backend.probe` says: whether the backend can run here, and why not."""
+
+    available: bool
+    reason: str = ""
+
+    def __bool__(self) -> bool:
+        return self.available
+
+
+@attrs.frozen
+class XferSide:
+    """One side of a transfer as a backend receives it.
+
+    The columns are contiguous 1-D uint64 arrays of one length N, already merged where
+    contiguous; the two sides of a request share one ``lengths`` array (lengths are equal).
+
+    Attributes:
+        mem_type: memory type of every descriptor.
+        addrs: addresses (file offsets for FILE).
+        lengths: lengths in bytes.
+        devs: device ids (GPU index, fd, ...).
+        reg_slots: (N,) int64, the slot of each descriptor's registration in its section (the
+            initiator's registrations for the local side, the peer's for the remote side). Equal
+            slots mean the same registration.
+        slot_handles: slot -> this backend's handle for that registration: what
+            :meth:`Backend.register` (local side), :meth:`Backend.load_remote` (remote side) or
+            :meth:`Backend.load_local` (loopback) returned. Backends that need per-descriptor
+            native keys map ``reg_slots`` through their own arrays, vectorized.
+    """
+
+    mem_type: MemType
+    addrs: U64
+    lengths: U64
+    devs: U64
+    reg_slots: I64
+    slot_handles: Mapping[int, Any]
+
+    def __len__(self) -> int:
+        return int(self.addrs.shape[0])
+
+    @property
+    def descs(self) -> U64:
+        """The side as an (N, 3) [addr, len, dev] array (built on each access)."""
+        return np.stack([self.addrs, self.lengths, self.devs], axis=1)
+
+    def handle_of(self, i: int) -> Any:
+        """Registration handle of descriptor ``i`` (a convenience; not for per-descriptor loops)."""
+        return self.slot_handles[int(self.reg_slots[i])]
+
+    def unique_handles(self) -> tuple[I64, list[Any]]:
+        """(inverse index per descriptor, handles of the distinct registrations), vectorized."""
+        uniq, inverse = np.unique(self.reg_slots, return_inverse=True)
+        return inverse.astype(np.int64), [self.slot_handles[int(s)] for s in uniq]
+
+
+class BackendRequest:
+    """Base of a backend's per-request state. Backends subclass it freely.
+
+    Attributes:
+        path: the transport that carried (or will carry) the data, e.g. ``"ucx:cma"``,
+            ``"loopback:cma"``, ``"posix:pwritev"``; shown in telemetry and the benchmark.
+        error: the exception that ended the request in ERROR, set by the backend.
+    """
+
+    path: str = ""
+    error: BaseException | None = None
+
+
+class Backend(abc.ABC):
+    """Abstract transport backend. One instance per type per agent.
+
+    Class attributes:
+        name: backend type name as users write it (NIXL style, upper case: "UCX", "POSIX").
+        mem_types: memory types it can register.
+        supports_local: transfers within the agent (loopback, storage).
+        supports_remote: transfers to other agents; implies supports_notif.
+        supports_notif: can deliver notifications.
+        default_params: advertised parameters and their defaults (strings, as NIXL).
+        install_hint: how to install the distribution that provides it.
+    """
+
+    name: ClassVar[str]
+    mem_types: ClassVar[frozenset[MemType]]
+    supports_local: ClassVar[bool] = True
+    supports_remote: ClassVar[bool] = False
+    supports_notif: ClassVar[bool] = False
+    default_params: ClassVar[Mapping[str, str]] = {}
+    install_hint: ClassVar[str] = ""
+
+    def __init__(self, agent_name: str, params: Mapping[str, Any]) -> None:
+        self.agent_name = agent_name
+        self.params: dict[str, Any] = dict(params)
+
+    @classmethod
+    def probe(cls) -> Availability:
+        """Whether this backend can run here. Never raises, never creates a CUDA context."""
+        return Availability(True)
+
+    @classmethod
+    def capabilities(cls) -> dict[str, bool]:
+        """The capability flags as a dict (for listings)."""
+        return {
+            "local": cls.supports_local,
+            "remote": cls.supports_remote,
+            "notif": cls.supports_notif,
+        }
+
+    # ------------------------------------------------------------------ memory
+    @abc.abstractmethod
+    def register(self, mem_type: MemType, rows: U64, metas: Sequence[bytes]) -> list[Any]:
+        """Register regions; return one private handle per row. Roll back all on failure."""
+
+    @abc.abstractmethod
+    def deregister(self, handles: Sequence[Any]) -> None:
+        """Release handles returned by :meth:`register`."""
+
+    def load_local(self, handle: Any) -> Any:
+        """Target-side handle for a loopback transfer to the agent's own memory."""
+        return handle
+
+    def unload_local(self, handle: Any) -> None:  # noqa: B027  (optional hook, default no-op)
+        """Free what :meth:`load_local` returned."""
+
+    def public_data(self, handle: Any) -> bytes:
+        """The registration's blob for remote agents (e.g. a packed rkey)."""
+        raise NotSupportedError(f"backend {self.name} does not support remote agents")
+
+    # ------------------------------------------------------------------ remote agents
+    def connection_info(self) -> bytes:
+        """This backend's connection info for remote agents (non-empty)."""
+        raise NotSupportedError(f"backend {self.name} does not support remote agents")
+
+    def load_remote_conn(self, peer: str, info: bytes) -> None:
+        """Store a peer's connection info (connect lazily or now, without blocking)."""
+        raise NotSupportedError(f"backend {self.name} does not support remote agents")
+
+    def load_remote(
+        self, peer: str, mem_type: MemType, rows: U64, blobs: Sequence[bytes]
+    ) -> list[Any]:
+        """Turn a peer's registration blobs into handles usable as a transfer's remote side."""
+        raise NotSupportedError(f"backend {self.name} does not support remote agents")
+
+    def unload_remote(self, peer: str, handles: Sequence[Any]) -> None:  # noqa: B027
+        """Free handles returned by :meth:`load_remote`."""
+
+    def connect(self, peer: str) -> None:  # noqa: B027  (optional: backends connect lazily)
+        """Eagerly connect to a peer whose connection info was loaded."""
+
+    def disconnect(self, peer: str) -> None:  # noqa: B027
+        """Forget a peer: close its connections. Called when its metadata is removed."""
+
+    # ------------------------------------------------------------------ transfers
+    @abc.abstractmethod
+    def prepare(self, op: XferOp, local: XferSide, remote: XferSide, peer: str) -> BackendRequest:
+        """Build a request once; it may be posted many times."""
+
+    @abc.abstractmethod
+    def post(self, req: BackendRequest, notif: bytes | None) -> XferStatus:
+        """Start the transfer; DONE if it finished inline, else IN_PROGRESS; ERROR sets req.error.
+
+        ``notif`` (when not None) must reach the peer only after the data is visible there.
+        """
+
+    @abc.abstractmethod
+    def poll(self, req: BackendRequest) -> XferStatus:
+        """Progress and report the request's state; ERROR sets req.error."""
+
+    @abc.abstractmethod
+    def release(self, req: BackendRequest) -> None:
+        """Free the request, aborting it if still running. Must not block for long.
+
+        Raises:
+            RepostActiveError: the request cannot be aborted right now.
+        """
+
+    # ------------------------------------------------------------------ notifications
+    def get_notifs(self) -> list[tuple[str, bytes]]:
+        """Hand over (sender, message) pairs received since the last call, each exactly once."""
+        return []
+
+    def send_notif(self, peer: str, msg: bytes) -> None:
+        """Send a standalone notification."""
+        raise NotSupportedError(f"backend {self.name} does not support notifications")
+
+    # ------------------------------------------------------------------ misc
+    def query_mem(
+        self, mem_type: MemType, rows: U64, metas: Sequence[bytes]
+    ) -> list[dict[str, Any] | None]:
+        """Storage backends: facts about regions (size, mode, mtime) or None where missing."""
+        raise NotSupportedError(f"backend {self.name} does not support query_mem")
+
+    def close(self) -> None:  # noqa: B027
+        """Stop threads and free native resources. Idempotent."""

@@ -1,0 +1,349 @@
+"""Memory types and the registration table.
+
+A :class:`RegTable` holds the registered regions of one memory type as sorted numpy columns, so that
+checking that every transfer descriptor lies inside one registration is one vectorized binary search
+(``np.searchsorted``), never a Python loop per descriptor.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import numpy as np
+import numpy.typing as npt
+
+from nixl_core.errors import InvalidDescriptorError, MemTypeError, RegistrationError
+
+__all__ = ["UNBOUNDED", "MemType", "RegTable"]
+
+#: Registered length used for storage regions registered with len 0 ("the whole file").
+UNBOUNDED = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
+
+U64 = npt.NDArray[np.uint64]
+I64 = npt.NDArray[np.int64]
+
+
+class MemType(enum.Enum):
+    """NIXL's memory types.
+
+    Descriptor fields mean, per type: DRAM (addr = VA, dev = 0 or region), VRAM (addr = device VA,
+    dev = GPU index), BLK (addr = offset, dev = volume id), OBJ (addr = offset, dev = key),
+    FILE (addr = file offset, dev = fd). Storage types (BLK, OBJ, FILE) registered with len 0 are
+    unbounded.
+    """
+
+    DRAM = "DRAM"
+    VRAM = "VRAM"
+    BLK = "BLK"
+    OBJ = "OBJ"
+    FILE = "FILE"
+
+    @property
+    def is_storage(self) -> bool:
+        """True for BLK, OBJ and FILE: len 0 at registration means unbounded."""
+        return self in (MemType.BLK, MemType.OBJ, MemType.FILE)
+
+    @property
+    def code(self) -> int:
+        """Stable small integer used in the binary metadata format."""
+        return _CODES[self]
+
+    @classmethod
+    def from_code(cls, code: int) -> MemType:
+        """Inverse of :attr:`code`.
+
+        Raises:
+            MemTypeError: unknown code.
+        """
+        try:
+            return _FROM_CODE[code]
+        except KeyError:
+            raise MemTypeError(f"unknown memory type code {code}") from None
+
+    @classmethod
+    def parse(cls, value: MemType | str) -> MemType:
+        """Accept a MemType or any of NIXL's spellings ("DRAM", "cpu", "VRAM_SEG", "cuda", "BLOCK").
+
+        Raises:
+            MemTypeError: the value names no memory type.
+        """
+        if isinstance(value, MemType):
+            return value
+        if isinstance(value, str):
+            key = value.strip().upper()
+            key = key.removesuffix("_SEG")
+            found = _ALIASES.get(key)
+            if found is not None:
+                return found
+        raise MemTypeError(
+            f"unknown memory type {value!r}; expected one of "
+            f"{', '.join(m.value for m in MemType)} (or NIXL's aliases cpu, cuda, BLOCK, *_SEG)"
+        )
+
+
+_CODES = {MemType.DRAM: 0, MemType.VRAM: 1, MemType.BLK: 2, MemType.OBJ: 3, MemType.FILE: 4}
+_FROM_CODE = {v: k for k, v in _CODES.items()}
+_ALIASES = {m.value: m for m in MemType} | {
+    "CPU": MemType.DRAM,
+    "CUDA": MemType.VRAM,
+    "GPU": MemType.VRAM,
+    "BLOCK": MemType.BLK,
+}
+
+
+def _ends(addrs: U64, lens: U64, unbounded: bool) -> U64:
+    """Exclusive end of each region, saturating at 2**64-1 (len 0 on storage = unbounded)."""
+    room = UNBOUNDED - addrs
+    ends: U64 = np.where(lens > room, UNBOUNDED, addrs + np.minimum(lens, room))
+    if unbounded:
+        ends = np.where(lens == 0, UNBOUNDED, ends)
+    return ends
+
+
+class RegTable:
+    """The registered regions of one memory type, sorted by (dev, addr).
+
+    Each region has a caller-chosen integer *slot* (an index into the owner's per-registration
+    records). Regions of one device may not overlap.
+    """
+
+    __slots__ = ("_addr", "_dev", "_dir", "_end", "_len", "_single_dev", "_slot", "mem_type")
+
+    def __init__(self, mem_type: MemType) -> None:
+        self.mem_type = mem_type
+        self._dev: U64 = np.empty(0, np.uint64)
+        self._addr: U64 = np.empty(0, np.uint64)
+        self._len: U64 = np.empty(0, np.uint64)
+        self._end: U64 = np.empty(0, np.uint64)
+        self._slot: I64 = np.empty(0, np.int64)
+        self._single_dev = True
+        self._dir: _Directory | None = None
+
+    def __len__(self) -> int:
+        return int(self._addr.size)
+
+    @property
+    def slots(self) -> I64:
+        """Slots of all regions, in table order."""
+        return self._slot
+
+    def rows(self) -> U64:
+        """All regions as an (N, 3) [addr, len, dev] array, in table order."""
+        return np.stack([self._addr, self._len, self._dev], axis=1)
+
+    def _changed(self) -> None:
+        self._single_dev = self._dev.size == 0 or bool(self._dev[0] == self._dev[-1])
+        self._dir = _Directory.build(self._addr, self._end) if self._single_dev else None
+
+    def add(self, rows: U64, slots: I64) -> None:
+        """Add regions (an (N, 3) array) with their slots.
+
+        Raises:
+            RegistrationError: a region overlaps another (new or existing) one; names its index.
+        """
+        addrs = np.ascontiguousarray(rows[:, 0])
+        lens = np.ascontiguousarray(rows[:, 1])
+        devs = np.ascontiguousarray(rows[:, 2])
+        if not self.mem_type.is_storage:
+            zero = np.flatnonzero(lens == 0)
+            if zero.size:
+                raise RegistrationError(
+                    f"registration {int(zero[0])} has length 0 ({self.mem_type.value} regions need "
+                    "a length; only storage types accept 0 = unbounded)",
+                    index=int(zero[0]),
+                )
+        ends = _ends(addrs, lens, self.mem_type.is_storage)
+        new_idx = np.arange(addrs.size, dtype=np.int64)
+        all_dev = np.concatenate([self._dev, devs])
+        all_addr = np.concatenate([self._addr, addrs])
+        all_len = np.concatenate([self._len, lens])
+        all_end = np.concatenate([self._end, ends])
+        origin = np.concatenate([np.full(self._addr.size, -1, np.int64), new_idx])
+        order = np.lexsort((all_addr, all_dev))
+        sd, sa, se, so = all_dev[order], all_addr[order], all_end[order], origin[order]
+        # Sorted by (dev, addr): if no region starts before the end of the one just before it
+        # (same device), the ends are increasing too, so no two regions overlap at all.
+        if sd.size > 1:
+            same_dev = sd[1:] == sd[:-1]
+            prev_max_end = se[:-1]
+            bad = np.flatnonzero(same_dev & (sa[1:] < prev_max_end))
+            if bad.size:
+                i = int(bad[0]) + 1
+                culprit = int(so[i]) if so[i] >= 0 else int(so[i - 1])
+                what = "duplicates" if sa[i] == sa[i - 1] else "overlaps"
+                raise RegistrationError(
+                    f"registration {culprit} [addr=0x{int(sa[i]):x}, dev={int(sd[i])}] {what} an "
+                    f"existing {self.mem_type.value} registration",
+                    index=culprit,
+                )
+        self._dev, self._addr, self._end = sd, sa, se
+        self._len = all_len[order]
+        self._slot = np.concatenate([self._slot, slots.astype(np.int64)])[order]
+        self._changed()
+
+    def find_exact(self, rows: U64) -> I64:
+        """Position in the table of each region that matches a row exactly, -1 where none does."""
+        if rows.shape[0] == 0 or self._addr.size == 0:
+            return np.full(rows.shape[0], -1, np.int64)
+        pos = self._locate(np.ascontiguousarray(rows[:, 0]), np.ascontiguousarray(rows[:, 2]))
+        ok = pos >= 0
+        p = np.where(ok, pos, 0)
+        ok &= (self._addr[p] == rows[:, 0]) & (self._len[p] == rows[:, 1])
+        return np.where(ok, pos, -1)
+
+    def remove_positions(self, positions: I64) -> None:
+        """Drop the regions at these table positions."""
+        keep = np.ones(self._addr.size, dtype=bool)
+        keep[positions] = False
+        self._dev = self._dev[keep]
+        self._addr = self._addr[keep]
+        self._len = self._len[keep]
+        self._end = self._end[keep]
+        self._slot = self._slot[keep]
+        self._changed()
+
+    def slots_at(self, positions: I64) -> I64:
+        """Slots of the regions at these table positions."""
+        return self._slot[positions]
+
+    def _locate(self, addrs: U64, devs: U64) -> I64:
+        """Position of the last region with (dev, addr) <= the query's, or -1.
+
+        Vectorized: one searchsorted when the table holds a single device; otherwise a
+        vectorized binary search inside each query's device segment (log2(regions) numpy steps).
+        """
+        n_reg = self._addr.size
+        if self._single_dev:
+            if self._dir is not None:
+                pos = self._dir.locate(self._addr, addrs)
+            else:
+                pos = np.searchsorted(self._addr, addrs, side="right").astype(np.int64) - 1
+            # Queries on another device than the table's match nothing.
+            return np.where(devs == self._dev[0], pos, -1)
+        lo = np.searchsorted(self._dev, devs, side="left").astype(np.int64)
+        hi = np.searchsorted(self._dev, devs, side="right").astype(np.int64)
+        seg_lo = lo.copy()
+        # Binary search for the first region in [lo, hi) whose addr > query.
+        while True:
+            active = lo < hi
+            if not active.any():
+                break
+            mid = (lo + hi) >> 1
+            mid_c = np.minimum(mid, n_reg - 1)
+            go_right = active & (self._addr[mid_c] <= addrs)
+            lo = np.where(go_right, mid + 1, lo)
+            hi = np.where(active & ~go_right, mid, hi)
+        pos = lo - 1
+        return np.where(pos >= seg_lo, pos, -1)
+
+    def lookup(self, addrs: U64, lens: U64, devs: U64, what: str = "descriptor") -> I64:
+        """Slot of the registration covering each descriptor.
+
+        Args:
+            addrs, lens, devs: the descriptors' columns (contiguous uint64 arrays of one length).
+            what: how to name the list in an error message.
+
+        Returns:
+            int64 array of slots, one per descriptor.
+
+        Raises:
+            InvalidDescriptorError: a descriptor lies outside every registration (names the first
+                such index) or wraps past 2**64.
+        """
+        n = addrs.shape[0]
+        if n == 0:
+            return np.empty(0, np.int64)
+        if self._addr.size == 0:
+            raise InvalidDescriptorError(
+                f"{what} 0 [addr=0x{int(addrs[0]):x}, len={int(lens[0])}, dev={int(devs[0])}] is "
+                f"not inside any registration: no {self.mem_type.value} memory is registered",
+                index=0,
+            )
+        if self._addr.size == 1:
+            # One registration (the common case: a whole KV cache or staging buffer): bounds of
+            # the whole list decide, without a per-descriptor gather.
+            start, end, dev = self._addr[0], self._end[0], self._dev[0]
+            ends = addrs + lens
+            if (
+                addrs.min() >= start
+                and ends.max() <= end
+                and devs.min() == dev
+                and devs.max() == dev
+                and not (ends < addrs).any()
+            ):
+                return np.full(n, self._slot[0], np.int64)
+            pos = np.where(addrs >= start, 0, -1).astype(np.int64)
+            pos[devs != dev] = -1
+        else:
+            pos = self._locate(addrs, devs)
+        p = np.maximum(pos, 0)
+        end_p = self._end[p]
+        # len <= end - addr, written so that nothing overflows.
+        ok = (pos >= 0) & (addrs <= end_p) & (lens <= end_p - addrs)
+        if not ok.all():
+            bad = int(np.argmin(ok))
+            raise InvalidDescriptorError(
+                f"{what} {bad} [addr=0x{int(addrs[bad]):x}, len={int(lens[bad])}, "
+                f"dev={int(devs[bad])}] is not inside any {self.mem_type.value} registration",
+                index=bad,
+            )
+        return self._slot[p]
+
+
+class _Directory:
+    """A bucket directory over one device's sorted region starts.
+
+    ``np.searchsorted`` of random addresses into a sorted table costs a branch misprediction per
+    step (about 65 ns per query for 1000 regions here). The directory splits the span of the
+    regions into power-of-two buckets and stores, per bucket, the last region starting at or
+    before it; a query then needs one shift, one gather and a few vectorized forward steps (as
+    many as the most regions starting inside one bucket). Built only when that count is small.
+    """
+
+    __slots__ = ("first", "lo", "max_steps", "n_buckets", "shift")
+
+    MAX_BUCKETS = 1 << 16
+    MAX_STEPS = 4
+
+    def __init__(self, lo: np.uint64, shift: int, first: I64, max_steps: int) -> None:
+        self.lo = lo
+        self.shift = np.uint64(shift)
+        self.first = first
+        self.n_buckets = int(first.size)
+        self.max_steps = max_steps
+
+    @classmethod
+    def build(cls, starts: U64, ends: U64) -> _Directory | None:
+        n = int(starts.size)
+        if n < 16:
+            return None  # searchsorted over a handful of regions is cheap enough
+        lo = starts[0]
+        span = int(starts[-1] - lo) + 1
+        want = min(cls.MAX_BUCKETS, 1 << max(4, (8 * n - 1).bit_length()))
+        shift = max(0, (span - 1).bit_length() - (want - 1).bit_length())
+        n_buckets = (span - 1 >> shift) + 1
+        bucket_starts = lo + (np.arange(n_buckets, dtype=np.uint64) << np.uint64(shift))
+        first = np.searchsorted(starts, bucket_starts, side="right").astype(np.int64) - 1
+        # Regions starting strictly inside bucket k: first[k+1] - first[k] (the last bucket's
+        # own count is bounded by the same formula against n - 1).
+        per_bucket = np.diff(np.append(first, n - 1))
+        max_steps = int(per_bucket.max()) if per_bucket.size else 0
+        if max_steps > cls.MAX_STEPS:
+            return None
+        return cls(lo, shift, first, max_steps)
+
+    def locate(self, starts: U64, addrs: U64) -> I64:
+        """Index of the last region starting at or before each address, or -1."""
+        below = addrs < self.lo
+        b = (addrs - self.lo) >> self.shift
+        np.minimum(b, np.uint64(self.n_buckets - 1), out=b)
+        pos: I64 = self.first[b]
+        last = np.int64(starts.size - 1)
+        for _ in range(self.max_steps):
+            nxt = np.minimum(pos + 1, last)
+            adv = (starts[nxt] <= addrs) & (pos < last)
+            if not adv.any():
+                break
+            pos += adv
+        pos[below] = -1
+        return pos

@@ -1,0 +1,553 @@
+"""Agent metadata: what one agent exports so that another can reach its registered memory.
+
+An :class:`AgentMetadata` holds the agent's name, one connection-info blob per backend
+(``conns``, may be empty for partial metadata) and one :class:`Section` per (backend, memory type)
+with the registered regions as an (N, 3) uint64 ``[addr, len, dev]`` array plus one public blob
+per region (e.g. a packed UCX rkey).
+
+:meth:`AgentMetadata.encode` and :meth:`AgentMetadata.decode` use the versioned binary format
+below. All integers are little-endian; ``off`` is the byte offset from the start of the blob.
+
+Header (fixed, 20 bytes):
+
+======  ======  =====================================================================
+off     size    field
+======  ======  =====================================================================
+0       8       magic ``b"NIXLPYMD"``
+8       2       u16 format version (:data:`FORMAT_VERSION` = 1)
+10      2       u16 flags, must be 0 in version 1
+12      8       u64 total length of the blob in bytes, including header and CRC
+======  ======  =====================================================================
+
+Body (variable; ``str`` = u32 byte length L, then L bytes of UTF-8, 1 <= L <= 1024):
+
+============  =====================================================================
+size          field
+============  =====================================================================
+4 + L         agent name (``str``)
+4             u32 C: number of connection entries
+per entry:    backend name (``str``), then u32 B + B bytes of connection info
+4             u32 S: number of sections
+per section:  backend name (``str``)
+  1           u8 memory type code (:attr:`MemType.code`: DRAM 0, VRAM 1, BLK 2, OBJ 3, FILE 4)
+  4           u32 N: number of descriptors
+  24 * N      N rows of 3 u64 ``[addr, len, dev]`` (one ``ndarray.tobytes()``)
+  4 * N       N u32 blob lengths ``l[0..N-1]``
+  sum(l)      the N blobs, concatenated
+============  =====================================================================
+
+Trailer: 4 bytes, u32 CRC-32 (:func:`zlib.crc32`) of every byte before it.
+
+Decoding is strict and never evaluates anything: it checks, in order, the magic, the version,
+the declared total length against the blob's size (truncated / trailing bytes), the CRC, the
+flags, and then every count and length against the bytes that remain before reading or
+allocating anything. Any problem raises :class:`~nixl_core.errors.MetadataError` naming the
+field and its byte offset; no other exception escapes :meth:`AgentMetadata.decode` for any
+input bytes. Connection backend names must be unique, and so must (backend, memory type) pairs
+of sections; the agent name and backend names must be non-empty.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from collections.abc import Iterable, Mapping
+from itertools import pairwise
+from typing import Any
+
+import attrs
+import numpy as np
+import numpy.typing as npt
+
+from nixl_core.errors import MemTypeError, MetadataError
+from nixl_core.memory import MemType
+
+__all__ = ["FORMAT_VERSION", "MAGIC", "MAX_NAME_BYTES", "AgentMetadata", "Section"]
+
+#: Binary format version written by :meth:`AgentMetadata.encode`; the only one decode accepts.
+FORMAT_VERSION: int = 1
+#: First 8 bytes of every encoded metadata blob.
+MAGIC = b"NIXLPYMD"
+#: Longest agent or backend name, in UTF-8 bytes.
+MAX_NAME_BYTES = 1024
+
+U64 = npt.NDArray[np.uint64]
+BytesLike = bytes | bytearray | memoryview
+
+_U8 = struct.Struct("<B")
+_U32 = struct.Struct("<I")
+_HEADER = struct.Struct("<8sHHQ")
+_HEADER_SIZE = _HEADER.size  # 20
+_CRC_SIZE = 4
+_U32_MAX = 0xFFFF_FFFF
+#: Smallest possible blob: header, a name length, two zero counts, CRC (no name bytes: an empty
+#: name then gets its own error message).
+_MIN_SIZE = _HEADER_SIZE + 4 + 4 + 4 + _CRC_SIZE
+#: Smallest encodings of one connection entry / one section (empty names, no data).
+_MIN_CONN = 4 + 4
+_MIN_SECTION = 4 + 1 + 4
+#: Bytes per descriptor beyond its blob: one [addr, len, dev] row and one u32 blob length.
+_PER_DESC = 24 + 4
+
+_EMPTY_DESCS: U64 = np.empty((0, 3), np.uint64)
+_EMPTY_DESCS.flags.writeable = False
+
+
+# --------------------------------------------------------------------------- validation helpers
+def _check_name(value: object, what: str) -> str:
+    """Return ``value`` if it is a non-empty str of at most MAX_NAME_BYTES UTF-8 bytes."""
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be a str, got {type(value).__name__}")
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise MetadataError(f"{what} {value!r} cannot be encoded as UTF-8: {exc.reason}") from None
+    if size == 0:
+        raise MetadataError(f"{what} is empty")
+    if size > MAX_NAME_BYTES:
+        raise MetadataError(f"{what} is {size} UTF-8 bytes long; the limit is {MAX_NAME_BYTES}")
+    return value
+
+
+def _to_bytes(value: object, what: str) -> bytes:
+    if type(value) is bytes:
+        return value
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    raise TypeError(f"{what} must be bytes-like, got {type(value).__name__}")
+
+
+def _to_mem_type(value: MemType | str) -> MemType:
+    return MemType.parse(value)
+
+
+def _to_descs(value: Any) -> U64:
+    """Convert to a read-only C-contiguous (N, 3) uint64 array (copies unless already one)."""
+    arr = np.asarray(value)
+    if arr.size == 0 and arr.ndim in (1, 2) and (arr.ndim == 1 or arr.shape[1] == 3):
+        return _EMPTY_DESCS
+    if arr.ndim != 2 or arr.shape[1] != 3:
+        raise MetadataError(
+            f"section descs must have shape (N, 3) [addr, len, dev], got {arr.shape}"
+        )
+    if arr.dtype.kind not in "iu":
+        raise MetadataError(f"section descs must hold integers, got dtype {arr.dtype}")
+    if arr.dtype.kind == "i" and bool((arr < 0).any()):
+        raise MetadataError("section descs hold a negative value")
+    if arr.dtype == np.uint64 and arr.flags.c_contiguous and not arr.flags.writeable:
+        return arr  # already an immutable snapshot
+    out: U64 = np.array(arr, dtype=np.uint64, order="C", copy=True)
+    out.flags.writeable = False
+    return out
+
+
+def _to_blobs(value: Iterable[BytesLike]) -> tuple[bytes, ...]:
+    if isinstance(value, (bytes, bytearray, memoryview, str)):
+        raise TypeError("section blobs must be a sequence of bytes objects, one per descriptor")
+    return tuple([b if type(b) is bytes else _to_bytes(b, "section blob") for b in value])
+
+
+def _to_conns(
+    value: Mapping[str, BytesLike] | Iterable[tuple[str, BytesLike]],
+) -> tuple[tuple[str, bytes], ...]:
+    items = value.items() if isinstance(value, Mapping) else value
+    out: list[tuple[str, bytes]] = []
+    for item in items:
+        backend, info = item
+        out.append((backend, _to_bytes(info, f"connection info of {backend!r}")))
+    return tuple(out)
+
+
+def _to_sections(value: Iterable[Section]) -> tuple[Section, ...]:
+    return tuple(value)
+
+
+def _validate_conns(_inst: object, _attr: object, conns: tuple[tuple[str, bytes], ...]) -> None:
+    seen: set[str] = set()
+    for backend, _info in conns:
+        _check_name(backend, "connection backend name")
+        if backend in seen:
+            raise MetadataError(f"duplicate connection entry for backend {backend!r}")
+        seen.add(backend)
+
+
+def _validate_sections(_inst: object, _attr: object, sections: tuple[Section, ...]) -> None:
+    seen: set[tuple[str, MemType]] = set()
+    for sec in sections:
+        if not isinstance(sec, Section):
+            raise TypeError(f"sections must hold Section objects, got {type(sec).__name__}")
+        key = (sec.backend, sec.mem_type)
+        if key in seen:
+            raise MetadataError(
+                f"duplicate section for backend {sec.backend!r} and memory type "
+                f"{sec.mem_type.value}"
+            )
+        seen.add(key)
+
+
+# --------------------------------------------------------------------------- model
+@attrs.frozen(eq=False, repr=False)
+class Section:
+    """One backend's registrations of one memory type.
+
+    Attributes:
+        backend: backend name, e.g. ``"UCX"`` (non-empty, at most 1024 UTF-8 bytes).
+        mem_type: memory type of every region (a :class:`MemType` or one of its spellings).
+        descs: (N, 3) uint64 ``[addr, len, dev]`` rows, read-only and C-contiguous. Any integer
+            array-like is accepted and copied, unless it already is a read-only C-contiguous
+            uint64 array.
+        blobs: N public blobs (e.g. packed UCX rkeys), one per descriptor.
+
+    Raises:
+        MetadataError: empty or too long backend name, bad descs shape/dtype, or a blob count
+            that differs from the descriptor count.
+        TypeError: a field of the wrong type.
+    """
+
+    backend: str = attrs.field(validator=lambda _i, _a, v: _check_name(v, "section backend name"))
+    mem_type: MemType = attrs.field(converter=_to_mem_type)
+    descs: U64 = attrs.field(converter=_to_descs)
+    blobs: tuple[bytes, ...] = attrs.field(converter=_to_blobs)
+
+    def __attrs_post_init__(self) -> None:
+        """Check that there is exactly one blob per descriptor."""
+        if len(self.blobs) != self.descs.shape[0]:
+            raise MetadataError(
+                f"section {self.backend!r}/{self.mem_type.value} has {self.descs.shape[0]} "
+                f"descriptors but {len(self.blobs)} blobs (need one blob per descriptor)"
+            )
+
+    def __len__(self) -> int:
+        """Number of descriptors."""
+        return int(self.descs.shape[0])
+
+    def __eq__(self, other: object) -> bool:
+        """Field-wise equality; ``descs`` is compared with :func:`numpy.array_equal`."""
+        if not isinstance(other, Section):
+            return NotImplemented
+        return (
+            self.backend == other.backend
+            and self.mem_type is other.mem_type
+            and self.blobs == other.blobs
+            and np.array_equal(self.descs, other.descs)
+        )
+
+    def __hash__(self) -> int:
+        """Hash consistent with :meth:`__eq__`."""
+        return hash((self.backend, self.mem_type, self.descs.tobytes(), self.blobs))
+
+    def __repr__(self) -> str:
+        """Short form: name, memory type, descriptor count and blob byte total."""
+        size = sum(map(len, self.blobs))
+        return (
+            f"Section(backend={self.backend!r}, mem_type={self.mem_type.value}, "
+            f"descs=<{len(self)} rows>, blobs=<{len(self.blobs)} blobs, {size} bytes>)"
+        )
+
+    @classmethod
+    def _trusted(
+        cls, backend: str, mem_type: MemType, descs: U64, blobs: tuple[bytes, ...]
+    ) -> Section:
+        """Build from values the decoder has already validated, skipping converters."""
+        obj = cls.__new__(cls)
+        object.__setattr__(obj, "backend", backend)
+        object.__setattr__(obj, "mem_type", mem_type)
+        object.__setattr__(obj, "descs", descs)
+        object.__setattr__(obj, "blobs", blobs)
+        return obj
+
+
+@attrs.frozen
+class AgentMetadata:
+    """Everything a peer needs to reach an agent: name, connection info and registrations.
+
+    Attributes:
+        name: agent name (non-empty, at most 1024 UTF-8 bytes).
+        conns: ``(backend name, connection info)`` pairs with unique backend names; may be empty
+            (partial metadata without connection info). A mapping is accepted too.
+        sections: registrations, one :class:`Section` per (backend, memory type); may be empty.
+
+    Raises:
+        MetadataError: empty or too long name, duplicate connection backend or section.
+        TypeError: a field of the wrong type.
+    """
+
+    name: str = attrs.field(validator=lambda _i, _a, v: _check_name(v, "agent name"))
+    conns: tuple[tuple[str, bytes], ...] = attrs.field(
+        default=(), converter=_to_conns, validator=_validate_conns
+    )
+    sections: tuple[Section, ...] = attrs.field(
+        default=(), converter=_to_sections, validator=_validate_sections
+    )
+
+    def encode(self) -> bytes:
+        """Serialize to the binary format described in the module docstring.
+
+        Returns:
+            The encoded metadata, CRC included.
+
+        Raises:
+            MetadataError: a count or a blob is too large for the format's u32 fields.
+        """
+        parts: list[bytes] = [_str(self.name)]
+        parts.append(_u32(len(self.conns), "connection count"))
+        for backend, info in self.conns:
+            parts += (_str(backend), _u32(len(info), f"connection info of {backend!r}"), info)
+        parts.append(_u32(len(self.sections), "section count"))
+        for sec in self.sections:
+            n = len(sec)
+            what = f"section {sec.backend!r}/{sec.mem_type.value}"
+            parts += (_str(sec.backend), _U8.pack(sec.mem_type.code), _u32(n, f"{what} count"))
+            parts.append(np.ascontiguousarray(sec.descs, dtype="<u8").tobytes())
+            lens = np.fromiter(map(len, sec.blobs), dtype=np.uint64, count=n)
+            if n and int(lens.max()) > _U32_MAX:
+                raise MetadataError(f"{what}: a blob is larger than 4 GiB")
+            parts.append(lens.astype("<u4").tobytes())
+            parts.append(b"".join(sec.blobs))
+        total = _HEADER_SIZE + sum(map(len, parts)) + _CRC_SIZE
+        parts.insert(0, _HEADER.pack(MAGIC, FORMAT_VERSION, 0, total))
+        crc = 0
+        for part in parts:
+            crc = zlib.crc32(part, crc)
+        parts.append(_U32.pack(crc))
+        return b"".join(parts)
+
+    @classmethod
+    def decode(cls, blob: bytes | bytearray | memoryview) -> AgentMetadata:
+        """Parse metadata written by :meth:`encode`, strictly.
+
+        The result owns its data: nothing refers to ``blob`` afterwards.
+
+        Args:
+            blob: the encoded metadata.
+
+        Returns:
+            The decoded metadata; its ``descs`` arrays are read-only (N, 3) uint64 copies.
+
+        Raises:
+            MetadataError: the blob is not valid metadata (message names the field and offset).
+            TypeError: ``blob`` is not bytes, bytearray or memoryview.
+        """
+        if not isinstance(blob, (bytes, bytearray, memoryview)):
+            raise TypeError(f"metadata must be bytes-like, got {type(blob).__name__}")
+        try:
+            data = blob if type(blob) is bytes else bytes(blob)
+        except (ValueError, TypeError) as exc:  # e.g. a released memoryview
+            raise MetadataError(f"cannot read the metadata buffer: {exc}") from None
+        try:
+            return _Reader(data).read()
+        except MetadataError:
+            raise
+        except (struct.error, UnicodeDecodeError, ValueError, MemTypeError, TypeError) as exc:
+            # Unreachable by design (every read is bounds-checked first); kept as a safety net.
+            raise MetadataError(f"malformed metadata: {exc}") from None
+
+
+# --------------------------------------------------------------------------- encode helpers
+def _u32(value: int, what: str) -> bytes:
+    if value > _U32_MAX:
+        raise MetadataError(f"{what} {value} does not fit the format's u32 field")
+    return _U32.pack(value)
+
+
+def _str(value: str) -> bytes:
+    raw = value.encode("utf-8")
+    return _U32.pack(len(raw)) + raw
+
+
+# --------------------------------------------------------------------------- decoder
+class _Reader:
+    """Bounds-checked cursor over one metadata blob (body ends before the CRC)."""
+
+    __slots__ = ("data", "end", "pos")
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+        self.end = len(data) - _CRC_SIZE
+
+    def _need(self, n: int, what: str) -> None:
+        left = self.end - self.pos
+        if n > left:
+            raise MetadataError(
+                f"truncated metadata: {what} needs {n} bytes but only {max(left, 0)} remain "
+                "before the CRC",
+                offset=self.pos,
+            )
+
+    def u8(self, what: str) -> int:
+        self._need(1, what)
+        (value,) = _U8.unpack_from(self.data, self.pos)
+        self.pos += 1
+        return int(value)
+
+    def u32(self, what: str) -> int:
+        self._need(4, what)
+        (value,) = _U32.unpack_from(self.data, self.pos)
+        self.pos += 4
+        return int(value)
+
+    def count(self, what: str, min_item: int) -> int:
+        """Read a u32 count and refuse one whose items cannot fit in the remaining bytes."""
+        at = self.pos
+        n = self.u32(what)
+        left = self.end - self.pos
+        if n * min_item > left:
+            raise MetadataError(
+                f"{what} {n} cannot fit in the {left} remaining bytes "
+                f"(each entry takes at least {min_item})",
+                offset=at,
+            )
+        return n
+
+    def take(self, n: int, what: str) -> bytes:
+        self._need(n, what)
+        out = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def name(self, what: str) -> str:
+        at = self.pos
+        size = self.u32(f"{what} length")
+        if size == 0:
+            raise MetadataError(f"{what} is empty", offset=at)
+        if size > MAX_NAME_BYTES:
+            raise MetadataError(
+                f"{what} length {size} exceeds the {MAX_NAME_BYTES}-byte limit", offset=at
+            )
+        raw_at = self.pos
+        raw = self.take(size, what)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise MetadataError(
+                f"{what} is not valid UTF-8 ({exc.reason} at name byte {exc.start})",
+                offset=raw_at + exc.start,
+            ) from None
+
+    def header(self) -> None:
+        data = self.data
+        size = len(data)
+        if size == 0:
+            raise MetadataError("empty metadata: 0 bytes", offset=0)
+        if data[: len(MAGIC)] != MAGIC[: min(size, len(MAGIC))]:
+            raise MetadataError(
+                f"bad magic {bytes(data[:8])!r}: not nixl-py agent metadata (expected {MAGIC!r})",
+                offset=0,
+            )
+        if size < _HEADER_SIZE:
+            raise MetadataError(
+                f"truncated metadata: {size} bytes, shorter than the {_HEADER_SIZE}-byte header",
+                offset=size,
+            )
+        _magic, version, flags, total = _HEADER.unpack_from(data, 0)
+        if version != FORMAT_VERSION:
+            raise MetadataError(
+                f"unsupported metadata format version {version}: this nixl-py reads version "
+                f"{FORMAT_VERSION} only",
+                offset=8,
+            )
+        if total < _MIN_SIZE:
+            raise MetadataError(
+                f"total length field {total} is smaller than the smallest metadata ({_MIN_SIZE})",
+                offset=12,
+            )
+        if size < total:
+            raise MetadataError(
+                f"truncated metadata: total length field says {total} bytes, got {size}",
+                offset=size,
+            )
+        if size > total:
+            raise MetadataError(
+                f"{size - total} trailing bytes after the {total}-byte metadata", offset=total
+            )
+        (stored,) = _U32.unpack_from(data, self.end)
+        actual = zlib.crc32(memoryview(data)[: self.end])
+        if stored != actual:
+            raise MetadataError(
+                f"CRC mismatch: stored 0x{stored:08x}, computed 0x{actual:08x} (corrupt metadata)",
+                offset=self.end,
+            )
+        if flags != 0:
+            raise MetadataError(
+                f"unknown flags 0x{flags:04x}: format version {FORMAT_VERSION} defines none",
+                offset=10,
+            )
+        self.pos = _HEADER_SIZE
+
+    def conns(self) -> tuple[tuple[str, bytes], ...]:
+        out: list[tuple[str, bytes]] = []
+        seen: set[str] = set()
+        for i in range(self.count("connection count", _MIN_CONN)):
+            at = self.pos
+            backend = self.name(f"connection {i} backend name")
+            if backend in seen:
+                raise MetadataError(
+                    f"connection {i}: duplicate backend name {backend!r}", offset=at
+                )
+            seen.add(backend)
+            size = self.u32(f"connection {i} ({backend!r}) info length")
+            out.append((backend, self.take(size, f"connection {i} ({backend!r}) info")))
+        return tuple(out)
+
+    def section(self, i: int, seen: set[tuple[str, MemType]]) -> Section:
+        at = self.pos
+        backend = self.name(f"section {i} backend name")
+        code_at = self.pos
+        code = self.u8(f"section {i} memory type")
+        try:
+            mem_type = MemType.from_code(code)
+        except MemTypeError:
+            raise MetadataError(
+                f"section {i} ({backend!r}): unknown memory type code {code}", offset=code_at
+            ) from None
+        if (backend, mem_type) in seen:
+            raise MetadataError(
+                f"section {i}: duplicate section for backend {backend!r} and memory type "
+                f"{mem_type.value}",
+                offset=at,
+            )
+        seen.add((backend, mem_type))
+        what = f"section {i} ({backend!r}/{mem_type.value})"
+        n = self.count(f"{what} descriptor count", _PER_DESC)
+        if n == 0:
+            return Section._trusted(backend, mem_type, _EMPTY_DESCS, ())
+        rows_at = self.pos
+        self._need(24 * n, f"{what} descriptor rows")
+        descs: U64 = (
+            np.frombuffer(self.data, dtype="<u8", count=3 * n, offset=rows_at)
+            .reshape(n, 3)
+            .astype(np.uint64, order="C", copy=True)
+        )
+        descs.flags.writeable = False
+        self.pos += 24 * n
+        lens_at = self.pos
+        self._need(4 * n, f"{what} blob lengths")
+        # offsets[k] = where blob k starts, offsets[n] = where the last one ends (u64 sums of u32
+        # lengths cannot overflow: n < 2**32).
+        lens = np.frombuffer(self.data, dtype="<u4", count=n, offset=lens_at)
+        offsets = np.zeros(n + 1, np.int64)
+        np.cumsum(lens, dtype=np.int64, out=offsets[1:])
+        self.pos += 4 * n
+        total = int(offsets[-1])
+        self._need(total, f"{what} blobs ({n} blobs whose lengths sum to {total})")
+        offsets += self.pos  # now absolute positions in data
+        data = self.data
+        blobs = tuple([data[a:b] for a, b in pairwise(offsets.tolist())])
+        self.pos += total
+        return Section._trusted(backend, mem_type, descs, blobs)
+
+    def read(self) -> AgentMetadata:
+        self.header()
+        name = self.name("agent name")
+        conns = self.conns()
+        seen: set[tuple[str, MemType]] = set()
+        sections = tuple(
+            self.section(i, seen) for i in range(self.count("section count", _MIN_SECTION))
+        )
+        if self.pos != self.end:
+            raise MetadataError(
+                f"{self.end - self.pos} trailing bytes after the last section, before the CRC",
+                offset=self.pos,
+            )
+        return AgentMetadata(name, conns, sections)

@@ -1,0 +1,356 @@
+"""Transfer requests: the state machine, prepared lists, per-request telemetry.
+
+A request is PENDING when made, IN_PROGRESS or DONE after :meth:`XferRequest.post`, and ERROR when
+the backend reports a failure (then :meth:`~XferRequest.check` raises the error). A DONE or ERROR
+request may be posted again; posting or releasing a request that is still IN_PROGRESS raises
+:class:`~nixl_core.errors.RepostActiveError` (release first tries to abort it).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Final
+
+import attrs
+import numpy as np
+import numpy.typing as npt
+
+from nixl_core.backend import Backend, BackendRequest, XferOp, XferStatus
+from nixl_core.errors import (
+    NixlError,
+    NotPostedError,
+    RepostActiveError,
+    TransferCanceledError,
+    TransferError,
+    TransferTimeoutError,
+)
+from nixl_core.memory import MemType
+
+if TYPE_CHECKING:
+    from nixl_core.agent import Agent
+
+__all__ = ["KEEP", "PreppedList", "XferRequest", "XferTelemetry"]
+
+U64 = npt.NDArray[np.uint64]
+I64 = npt.NDArray[np.int64]
+
+
+class _Keep:
+    def __repr__(self) -> str:
+        return "KEEP"
+
+
+#: Sentinel for :meth:`XferRequest.post`: keep the notification given when the request was made.
+KEEP: Final = _Keep()
+
+
+@attrs.frozen
+class XferTelemetry:
+    """Per-request telemetry (NIXL's ``nixlXferTelemetry`` plus the carrier).
+
+    Attributes:
+        start_time_us: wall-clock time (µs since the epoch) when the last post began.
+        post_duration_us: time spent inside the last post call.
+        xfer_duration_us: from the start of the last post to completion being observed.
+        total_bytes: bytes moved by one post.
+        desc_count: descriptors handed to the backend (after merging).
+        backend: backend name.
+        path: the transport that carried the data, e.g. "loopback:cma".
+    """
+
+    start_time_us: int
+    post_duration_us: float
+    xfer_duration_us: float
+    total_bytes: int
+    desc_count: int
+    backend: str
+    path: str
+
+
+@attrs.define(eq=False, repr=False)
+class PreppedList:
+    """A descriptor list checked once against one agent's registrations (``prep``).
+
+    ``peer`` is the agent whose memory the descriptors describe: "" for the initiator's own
+    memory, a remote agent's name, or the agent's own name for loopback. ``make`` gathers from it
+    with index arrays. The columns are stored contiguous, and uniform lengths, devices and
+    registrations are noted (-1 when not uniform) so that ``make`` can skip gathering them.
+    """
+
+    agent: Agent
+    peer: str
+    mem_type: MemType
+    addrs: U64
+    lens: U64
+    devs: U64
+    reg_slots: I64
+    backends: tuple[str, ...]
+    generation: int
+    uniform_len: int = -1
+    uniform_dev: int = -1
+    single_slot: int = -1
+    released: bool = False
+
+    @property
+    def descs(self) -> U64:
+        """The list as an (N, 3) [addr, len, dev] array (built on each access)."""
+        return np.stack([self.addrs, self.lens, self.devs], axis=1)
+
+    def __len__(self) -> int:
+        return int(self.addrs.shape[0])
+
+    def __repr__(self) -> str:
+        who = self.peer or "<local>"
+        return f"PreppedList({who}, {self.mem_type.value}, n={len(self)}, backends={self.backends})"
+
+    def release(self) -> None:
+        """Forget the list (idempotent). Requests already made from it stay valid."""
+        self.released = True
+
+    def __enter__(self) -> PreppedList:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class XferRequest:
+    """One transfer request; post it, check it, release it. A context manager.
+
+    Attributes:
+        op: READ or WRITE.
+        peer: the remote agent's name (own name for loopback).
+        backend_name: the backend chosen for it.
+        desc_count: descriptors handed to the backend (after merging).
+        total_bytes: bytes moved per post.
+        status: the last known :class:`XferStatus`.
+        notif: the notification sent with the next post (None for none).
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_agent",
+        "_breq",
+        "_gen",
+        "_on_error",
+        "_t0",
+        "_t0_wall",
+        "_t_post",
+        "_telemetry",
+        "backend",
+        "backend_name",
+        "desc_count",
+        "error",
+        "notif",
+        "op",
+        "peer",
+        "status",
+        "total_bytes",
+    )
+
+    def __init__(
+        self,
+        agent: Agent,
+        backend: Backend,
+        breq: BackendRequest,
+        op: XferOp,
+        peer: str,
+        notif: bytes | None,
+        desc_count: int,
+        total_bytes: int,
+        generation: int,
+        on_error: Callable[[XferRequest, BaseException], None],
+    ) -> None:
+        self._agent = agent
+        self.backend = backend
+        self.backend_name = backend.name
+        self._breq: BackendRequest | None = breq
+        self.op = op
+        self.peer = peer
+        self.notif = notif
+        self.desc_count = desc_count
+        self.total_bytes = total_bytes
+        self._gen = generation
+        self._on_error = on_error
+        self.status = XferStatus.PENDING
+        self.error: BaseException | None = None
+        self._t0 = 0
+        self._t0_wall = 0
+        self._t_post = 0
+        self._telemetry: XferTelemetry | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"XferRequest({self.op.value} -> {self.peer!r}, backend={self.backend_name}, "
+            f"descs={self.desc_count}, bytes={self.total_bytes}, {self.status.value})"
+        )
+
+    @property
+    def path(self) -> str:
+        """The transport that carries the data (backend-reported)."""
+        return self._breq.path if self._breq is not None else ""
+
+    @property
+    def released(self) -> bool:
+        """True once released."""
+        return self._breq is None
+
+    def _live(self) -> BackendRequest:
+        if self._breq is None:
+            raise NotPostedError(f"{self!r} was released")
+        return self._breq
+
+    # ---------------------------------------------------------------- state machine
+    def post(self, notif: bytes | str | _Keep | None = KEEP) -> XferStatus:
+        """Start the transfer; returns DONE or IN_PROGRESS.
+
+        Args:
+            notif: replaces the notification given at creation (None = send none); omit to keep.
+
+        Raises:
+            RepostActiveError: the request is still in progress.
+            StaleHandleError / UnknownAgentError: the peer's metadata was removed or replaced.
+            TransferError: the backend failed to start it (status becomes ERROR).
+        """
+        breq = self._live()
+        if (
+            self.status is XferStatus.IN_PROGRESS
+            and self.poll_backend(breq) is XferStatus.IN_PROGRESS
+        ):
+            raise RepostActiveError(f"{self!r} is still in progress; wait for it before reposting")
+        self._agent._check_generation(self.peer, self._gen)
+        if not isinstance(notif, _Keep):
+            self.notif = notif.encode() if isinstance(notif, str) else notif
+        self.error = None
+        self._telemetry = None
+        self._t0_wall = time.time_ns()
+        self._t0 = time.perf_counter_ns()
+        try:
+            st = self.backend.post(breq, self.notif)
+        except NixlError as exc:
+            self._t_post = time.perf_counter_ns()
+            self._fail(exc)
+            raise
+        self._t_post = time.perf_counter_ns()
+        return self._settle(st, breq)
+
+    def poll_backend(self, breq: BackendRequest) -> XferStatus:
+        """Ask the backend once (no exception raising); updates status."""
+        st = self.backend.poll(breq)
+        if st is XferStatus.DONE:
+            self._done()
+        elif st is XferStatus.ERROR:
+            self.status = XferStatus.ERROR
+        return st
+
+    def check(self) -> XferStatus:
+        """Progress and return the state: DONE, IN_PROGRESS (or PENDING if never posted).
+
+        Raises:
+            TransferError: the transfer ended in ERROR (the backend's reason; status is ERROR).
+        """
+        if self.status is XferStatus.IN_PROGRESS:
+            breq = self._live()
+            try:
+                st = self.backend.poll(breq)
+            except NixlError as exc:
+                self._fail(exc)
+                raise
+            return self._settle(st, breq)
+        if self.status is XferStatus.ERROR and self.error is not None:
+            raise self.error
+        return self.status
+
+    def wait(self, timeout: float | None = None, poll_interval: float = 0.0) -> XferStatus:
+        """Poll until DONE; never waits forever when ``timeout`` is given.
+
+        Raises:
+            TransferTimeoutError: not done within ``timeout`` seconds (the request keeps running).
+            TransferError: the transfer failed.
+        """
+        if self.status is XferStatus.PENDING:
+            raise NotPostedError(f"{self!r} was never posted")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (st := self.check()) is XferStatus.IN_PROGRESS:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TransferTimeoutError(
+                    f"{self!r} not done after {timeout} s", backend=self.backend_name, request=self
+                )
+            if poll_interval:
+                time.sleep(poll_interval)
+        return st
+
+    def _settle(self, st: XferStatus, breq: BackendRequest) -> XferStatus:
+        if st is XferStatus.DONE:
+            self._done()
+        elif st is XferStatus.IN_PROGRESS:
+            self.status = XferStatus.IN_PROGRESS
+        else:
+            err = breq.error
+            if not isinstance(err, NixlError):
+                err = TransferError(
+                    f"{self!r} failed: {err or 'backend reported ERROR without a reason'}",
+                    backend=self.backend_name,
+                    request=self,
+                )
+            self._fail(err)
+            raise err
+        return self.status
+
+    def _done(self) -> None:
+        self.status = XferStatus.DONE
+        end = time.perf_counter_ns()
+        self._telemetry = XferTelemetry(
+            start_time_us=self._t0_wall // 1000,
+            post_duration_us=(self._t_post - self._t0) / 1000.0,
+            xfer_duration_us=(end - self._t0) / 1000.0,
+            total_bytes=self.total_bytes,
+            desc_count=self.desc_count,
+            backend=self.backend_name,
+            path=self.path,
+        )
+
+    def _fail(self, exc: BaseException) -> None:
+        self.status = XferStatus.ERROR
+        self.error = exc
+        if isinstance(exc, TransferError):
+            exc.request = exc.request or self
+            exc.backend = exc.backend or self.backend_name
+        self._on_error(self, exc)
+
+    @property
+    def telemetry(self) -> XferTelemetry:
+        """Telemetry of the last completed post.
+
+        Raises:
+            NotPostedError: the request never completed a post.
+        """
+        if self._telemetry is None:
+            raise NotPostedError(f"{self!r} has no completed post to report on")
+        return self._telemetry
+
+    def release(self) -> None:
+        """Free the request; aborts it if still running (idempotent).
+
+        Raises:
+            RepostActiveError: the backend could not abort it (the request stays valid).
+        """
+        if self._breq is None:
+            return
+        if self.status is XferStatus.IN_PROGRESS:
+            self.poll_backend(self._breq)
+        self.backend.release(self._breq)
+        if self.status is XferStatus.IN_PROGRESS:
+            self.status = XferStatus.ERROR
+            self.error = TransferCanceledError(
+                f"{self!r} was released while in progress", backend=self.backend_name, request=self
+            )
+        self._breq = None
+        self._agent._forget(self)
+
+    def __enter__(self) -> XferRequest:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
