@@ -251,7 +251,7 @@ class DescList:
 
     def __iter__(self) -> Iterator[tuple[int, int, int]]:
         """Convenience iteration as tuples (never used on a data path)."""
-        yield from self._arr.tolist()
+        yield from (tuple(r) for r in self._arr.tolist())
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, DescList):
