@@ -129,10 +129,12 @@ class _Section:
             out[inside] |= arr[slots[inside]]
         return out
 
-    def covers(self, backend: str, slots: I64) -> bool:
+    def covers(self, backend: str, slots: I64, single: int = -1) -> bool:
         arr = self.has.get(backend)
         if arr is None:
             return False
+        if single >= 0:
+            return single < arr.size and bool(arr[single])
         if slots.size and int(slots.max()) >= arr.size:
             return False
         return bool(arr[slots].all()) if slots.size else True
@@ -177,12 +179,9 @@ def _uniform(col: npt.NDArray[Any]) -> int:
 
 
 def _columns(d: DescList) -> tuple[U64, U64, U64]:
-    a = d.array
-    return (
-        np.ascontiguousarray(a[:, 0]),
-        np.ascontiguousarray(a[:, 1]),
-        np.ascontiguousarray(a[:, 2]),
-    )
+    # One transposing copy (a single allocation) gives three contiguous columns.
+    t = np.ascontiguousarray(d.array.T)
+    return t[0], t[1], t[2]
 
 
 class _Cols:
@@ -220,7 +219,9 @@ class _Cols:
         if not self.single_slots:
             joins &= self.l_slot[1:] == self.l_slot[:-1]
             joins &= self.r_slot[1:] == self.r_slot[:-1]
-        if not joins.any():
+        n_joins = int(np.count_nonzero(joins))
+        # A handful of accidental neighbours in a scattered list is not worth seven gathers.
+        if n_joins == 0 or (n > 4096 and n_joins * 64 < n):
             return
         starts = np.flatnonzero(np.concatenate(([True], ~joins)))
         self.lens = np.add.reduceat(ll, starts)
@@ -782,7 +783,7 @@ class Agent:
         cols: tuple[U64, U64, U64],
         backends: Sequence[str] | None,
         what: str,
-    ) -> tuple[I64, tuple[str, ...], int]:
+    ) -> tuple[I64, tuple[str, ...], int, int]:
         sec, gen, _ = self._side(peer)
         table = sec.tables.get(mem_type)
         whose = "this agent" if sec is self._local else f"agent {peer!r}"
@@ -793,6 +794,7 @@ class Agent:
                 index=0,
             )
         slots = table.lookup(*cols, what=what)
+        single = (_uniform(slots) if len(table) > 1 else int(slots[0])) if slots.size else -1
         names = [n.upper() for n in backends] if backends else list(self._backends)
         remote_side = peer not in _INIT_ALIASES
         found: list[str] = []
@@ -806,14 +808,14 @@ class Agent:
                 continue
             if remote_side and peer != self.name and not b.supports_remote:
                 continue
-            if sec.covers(b.name, slots):
+            if sec.covers(b.name, slots, single):
                 found.append(b.name)
         if not found:
             raise NotFoundError(
                 f"no backend of agent {self.name!r} ({', '.join(names) or 'none'}) covers every "
                 f"{mem_type.value} {what} of {whose}"
             )
-        return slots, tuple(found), gen
+        return slots, tuple(found), gen, single
 
     def prep(
         self,
@@ -839,7 +841,7 @@ class Agent:
         """
         d = as_descs(descs, mem_type)
         cols = _columns(d)
-        slots, found, gen = self._resolve(peer, d.mem_type, cols, backends, "descriptor")
+        slots, found, gen, single = self._resolve(peer, d.mem_type, cols, backends, "descriptor")
         key = INIT_AGENT if peer in _INIT_ALIASES else peer
         return PreppedList(
             self,
@@ -853,7 +855,7 @@ class Agent:
             gen,
             uniform_len=_uniform(cols[1]),
             uniform_dev=_uniform(cols[2]),
-            single_slot=_uniform(slots),
+            single_slot=single,
         )
 
     def _choose(
@@ -1015,10 +1017,12 @@ class Agent:
                 f"descriptor {k}: local length {int(lc[1][k])} != remote length {int(rc[1][k])}",
                 index=k,
             )
-        l_slots, l_found, _ = self._resolve(
+        l_slots, l_found, _, _ = self._resolve(
             INIT_AGENT, ld.mem_type, lc, backends, "local descriptor"
         )
-        r_slots, r_found, gen = self._resolve(peer, rd.mem_type, rc, backends, "remote descriptor")
+        r_slots, r_found, gen, _ = self._resolve(
+            peer, rd.mem_type, rc, backends, "remote descriptor"
+        )
         cands = [b for b in l_found if b in r_found]
         backend = self._choose(xop, ld.mem_type, rd.mem_type, peer, cands)
         cols = _Cols(lc[0], rc[0], lc[1], lc[2], rc[2], l_slots, r_slots, False)

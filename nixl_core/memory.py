@@ -262,18 +262,18 @@ class RegTable:
         if self._addr.size == 1:
             # One registration (the common case: a whole KV cache or staging buffer): bounds of
             # the whole list decide, without a per-descriptor gather.
-            start, end, dev = self._addr[0], self._end[0], self._dev[0]
-            ends = addrs + lens
+            start, end, dev = int(self._addr[0]), int(self._end[0]), int(self._dev[0])
+            # Sufficient bounds from six reductions, no temporaries: exact when lengths are
+            # uniform (KV blocks); otherwise the per-descriptor check below decides.
             if (
-                addrs.min() >= start
-                and ends.max() <= end
-                and devs.min() == dev
-                and devs.max() == dev
-                and not (ends < addrs).any()
+                int(addrs.min()) >= start
+                and int(addrs.max()) + int(lens.max()) <= end
+                and int(devs.min()) == dev
+                and int(devs.max()) == dev
             ):
                 return np.full(n, self._slot[0], np.int64)
-            pos = np.where(addrs >= start, 0, -1).astype(np.int64)
-            pos[devs != dev] = -1
+            pos = np.where(addrs >= self._addr[0], 0, -1).astype(np.int64)
+            pos[devs != self._dev[0]] = -1
         else:
             pos = self._locate(addrs, devs)
         p = np.maximum(pos, 0)
