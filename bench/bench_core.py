@@ -28,7 +28,9 @@ from nixl_core import Agent, DescList, __version__
 BLOCK = 4096
 
 
-def _timeit(fn: Callable[[], Any], repeat: int, cleanup: Callable[[Any], None] | None = None) -> list[float]:
+def _timeit(
+    fn: Callable[[], Any], repeat: int, cleanup: Callable[[Any], None] | None = None
+) -> list[float]:
     """Milliseconds per call, after two warm-up calls."""
     out = []
     for i in range(repeat + 2):
@@ -56,7 +58,8 @@ class Workload:
         self.dst = np.zeros(n * BLOCK // 8, np.uint64)
         steps = np.arange(n, dtype=np.uint64) * np.uint64(BLOCK)
         self.local = np.stack(
-            [self.src.ctypes.data + steps, np.full(n, BLOCK, np.uint64), np.zeros(n, np.uint64)], axis=1
+            [self.src.ctypes.data + steps, np.full(n, BLOCK, np.uint64), np.zeros(n, np.uint64)],
+            axis=1,
         )
         self.remote = self.local.copy()
         self.remote[:, 0] = self.dst.ctypes.data + steps
@@ -93,7 +96,13 @@ def bench_ours(w: Workload, repeat: int) -> dict[str, dict[str, float]]:
         c.register(w.regs, "DRAM")
         res: dict[str, dict[str, float]] = {}
         res["build"] = _stat(
-            _timeit(lambda: (DescList.from_array(w.local, "DRAM"), DescList.from_array(w.remote, "DRAM")), repeat)
+            _timeit(
+                lambda: (
+                    DescList.from_array(w.local, "DRAM"),
+                    DescList.from_array(w.remote, "DRAM"),
+                ),
+                repeat,
+            )
         )
         ld, rd = DescList.from_array(w.local, "DRAM"), DescList.from_array(w.remote, "DRAM")
         res["prep"] = _stat(_timeit(lambda: (a.prep("", ld), a.prep("bench-b", rd)), repeat))
@@ -102,7 +111,11 @@ def bench_ours(w: Workload, repeat: int) -> dict[str, dict[str, float]]:
             _timeit(lambda: a.make("WRITE", lp, w.perm, rp, w.perm), repeat, lambda r: r.release())
         )
         res["make (sorted idx)"] = _stat(
-            _timeit(lambda: a.make("WRITE", lp, w.sorted_idx, rp, w.sorted_idx), repeat, lambda r: r.release())
+            _timeit(
+                lambda: a.make("WRITE", lp, w.sorted_idx, rp, w.sorted_idx),
+                repeat,
+                lambda r: r.release(),
+            )
         )
 
         def total() -> Any:
@@ -112,7 +125,11 @@ def bench_ours(w: Workload, repeat: int) -> dict[str, dict[str, float]]:
 
         res["build+prep+make"] = _stat(_timeit(total, repeat, lambda r: r.release()))
         res["create (one-shot)"] = _stat(
-            _timeit(lambda: a.create("WRITE", ld, rd, "bench-b", merge=False), repeat, lambda r: r.release())
+            _timeit(
+                lambda: a.create("WRITE", ld, rd, "bench-b", merge=False),
+                repeat,
+                lambda r: r.release(),
+            )
         )
         bases = w.src.ctypes.data + np.arange(64, dtype=np.uint64) * np.uint64(1 << 26)
         res["1M strided build"] = _stat(
@@ -152,7 +169,9 @@ def bench_nixl(w: Workload, repeat: int) -> tuple[dict[str, dict[str, float]] | 
     a.add_remote_agent(b.get_agent_metadata())
     res: dict[str, dict[str, float]] = {}
     res["build"] = _stat(
-        _timeit(lambda: (a.get_xfer_descs(w.local, "DRAM"), a.get_xfer_descs(w.remote, "DRAM")), repeat)
+        _timeit(
+            lambda: (a.get_xfer_descs(w.local, "DRAM"), a.get_xfer_descs(w.remote, "DRAM")), repeat
+        )
     )
     ld, rd = a.get_xfer_descs(w.local, "DRAM"), a.get_xfer_descs(w.remote, "DRAM")
 
@@ -162,7 +181,10 @@ def bench_nixl(w: Workload, repeat: int) -> tuple[dict[str, dict[str, float]] | 
 
     res["prep"] = _stat(
         _timeit(
-            lambda: (a.prep_xfer_dlist("NIXL_INIT_AGENT", ld, "DRAM"), a.prep_xfer_dlist("nixl-bench-b", rd, "DRAM")),
+            lambda: (
+                a.prep_xfer_dlist("NIXL_INIT_AGENT", ld, "DRAM"),
+                a.prep_xfer_dlist("nixl-bench-b", rd, "DRAM"),
+            ),
             repeat,
             rel_pair,
         )
@@ -174,7 +196,9 @@ def bench_nixl(w: Workload, repeat: int) -> tuple[dict[str, dict[str, float]] | 
         _timeit(lambda: a.make_prepped_xfer("WRITE", lp, w.perm, rp, w.perm), repeat, rel)
     )
     res["make (sorted idx)"] = _stat(
-        _timeit(lambda: a.make_prepped_xfer("WRITE", lp, w.sorted_idx, rp, w.sorted_idx), repeat, rel)
+        _timeit(
+            lambda: a.make_prepped_xfer("WRITE", lp, w.sorted_idx, rp, w.sorted_idx), repeat, rel
+        )
     )
 
     def total() -> Any:
@@ -196,14 +220,20 @@ def bench_nixl(w: Workload, repeat: int) -> tuple[dict[str, dict[str, float]] | 
 
     def strided() -> Any:
         per = (1 << 20) // 64
-        addrs = (bases[:, None] + np.arange(per, dtype=np.uint64)[None, :] * np.uint64(BLOCK)).ravel()
-        arr = np.stack([addrs, np.full(addrs.size, BLOCK, np.uint64), np.zeros(addrs.size, np.uint64)], axis=1)
+        addrs = (
+            bases[:, None] + np.arange(per, dtype=np.uint64)[None, :] * np.uint64(BLOCK)
+        ).ravel()
+        arr = np.stack(
+            [addrs, np.full(addrs.size, BLOCK, np.uint64), np.zeros(addrs.size, np.uint64)], axis=1
+        )
         return a.get_xfer_descs(arr, "DRAM")
 
     res["1M strided build"] = _stat(_timeit(strided, repeat))
     qd = c.get_xfer_descs(w.queries, "DRAM")
     res["validate vs 1k regs"] = _stat(
-        _timeit(lambda: c.prep_xfer_dlist("NIXL_INIT_AGENT", qd, "DRAM"), repeat, c.release_dlist_handle)
+        _timeit(
+            lambda: c.prep_xfer_dlist("NIXL_INIT_AGENT", qd, "DRAM"), repeat, c.release_dlist_handle
+        )
     )
     h = a.make_prepped_xfer("WRITE", lp, w.perm, rp, w.perm)
     st = a.transfer(h)
@@ -245,7 +275,9 @@ def main(argv: list[str] | None = None) -> int:
         theirs, label = bench_nixl(w, args.repeat)
     cpu = platform.processor() or platform.machine()
     print(f"nixl-py core {__version__} vs {label}")
-    print(f"machine: {os.cpu_count()} cpus, {cpu}, Python {platform.python_version()}, numpy {np.__version__}")
+    print(
+        f"machine: {os.cpu_count()} cpus, {cpu}, Python {platform.python_version()}, numpy {np.__version__}"
+    )
     print(f"{args.n} descriptors of {BLOCK} B, {args.repeat} repeats, median (p90) in ms\n")
     head = f"{'workload':24s} {'nixl-py':>16s} {'NIXL':>16s} {'NIXL/ours':>10s} {'target':>8s}"
     print(head)
@@ -260,7 +292,9 @@ def main(argv: list[str] | None = None) -> int:
         ratio_s = f"{ratio:.1f}x" if ratio else "n/a"
         tgt_s = f"<= {tgt:g}" if tgt else ""
         print(f"{k:24s} {ours_s:>16s} {nixl_s:>16s} {ratio_s:>10s} {tgt_s:>8s}")
-        rows.append({"workload": k, "ours": v, "nixl": t, "nixl_over_ours": ratio, "target_ms": tgt})
+        rows.append(
+            {"workload": k, "ours": v, "nixl": t, "nixl_over_ours": ratio, "target_ms": tgt}
+        )
     if args.json:
         meta = {"command": " ".join(sys.argv), "anchor": label, "n": args.n, "cpus": os.cpu_count()}
         with open(args.json, "w") as f:

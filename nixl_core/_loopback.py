@@ -90,14 +90,29 @@ class _Libc:
 
 
 class _Request(BackendRequest):
-    __slots__ = ("cancel", "future", "liov", "nbytes", "op", "peer", "pid", "riov")
+    __slots__ = (
+        "cancel",
+        "future",
+        "liov",
+        "local",
+        "nbytes",
+        "op",
+        "peer",
+        "pid",
+        "remote",
+        "riov",
+    )
 
-    def __init__(self, op: XferOp, pid: int, peer: str, liov: U64, riov: U64, nbytes: int) -> None:
+    def __init__(
+        self, op: XferOp, pid: int, peer: str, local: XferSide, remote: XferSide, nbytes: int
+    ) -> None:
         self.op = op
         self.pid = pid
         self.peer = peer
-        self.liov = liov
-        self.riov = riov
+        self.local = local
+        self.remote = remote
+        self.liov: U64 | None = None
+        self.riov: U64 | None = None
         self.nbytes = nbytes
         self.future: concurrent.futures.Future[None] | None = None
         self.cancel = False
@@ -226,26 +241,34 @@ class LoopbackBackend(Backend):
             if known is None:
                 raise UnknownAgentError(peer)
             pid = known[0]
-        n = len(local)
-        liov = np.empty((n, 2), np.uint64)
-        riov = np.empty((n, 2), np.uint64)
-        liov[:, 0] = local.addrs
-        liov[:, 1] = local.lengths
-        riov[:, 0] = remote.addrs
-        riov[:, 1] = local.lengths
         nbytes = int(local.lengths.sum(dtype=np.uint64))
-        return _Request(op, pid, peer, liov, riov, nbytes)
+        return _Request(op, pid, peer, local, remote, nbytes)
+
+    @staticmethod
+    def _iovecs(req: _Request) -> tuple[U64, U64]:
+        """iovec arrays [base, len] of both sides, built at the first post and kept for reposts."""
+        if req.liov is None or req.riov is None:
+            n = len(req.local)
+            liov = np.empty((n, 2), np.uint64)
+            riov = np.empty((n, 2), np.uint64)
+            liov[:, 0] = req.local.addrs
+            liov[:, 1] = req.local.lengths
+            riov[:, 0] = req.remote.addrs
+            riov[:, 1] = req.local.lengths
+            req.liov, req.riov = liov, riov
+        return req.liov, req.riov
 
     def _copy(self, req: _Request) -> None:
         fn = self._libc.writev if req.op is XferOp.WRITE else self._libc.readv
-        n = req.liov.shape[0]
+        all_l, all_r = self._iovecs(req)
+        n = all_l.shape[0]
         start = 0
         while start < n:
             if req.cancel:
                 raise TransferCanceledError("transfer aborted by release()")
             end = min(start + _IOV_MAX, n)
-            liov = req.liov[start:end]
-            riov = req.riov[start:end]
+            liov = all_l[start:end]
+            riov = all_r[start:end]
             want = int(liov[:, 1].sum(dtype=np.uint64))
             got = fn(req.pid, liov.ctypes.data, end - start, riov.ctypes.data, end - start, 0)
             if got == want:
@@ -260,14 +283,14 @@ class LoopbackBackend(Backend):
             partial = got - (int(done[k - 1]) if k else 0)
             if k == 0 and partial == 0 and got == 0:
                 self._raise(req, errno.EFAULT, start, liov)
-            rest_l = req.liov[start + k : end].copy()
-            rest_r = req.riov[start + k : end].copy()
+            rest_l = all_l[start + k : end].copy()
+            rest_r = all_r[start + k : end].copy()
             rest_l[0, 0] += np.uint64(partial)
             rest_l[0, 1] -= np.uint64(partial)
             rest_r[0, 0] += np.uint64(partial)
             rest_r[0, 1] -= np.uint64(partial)
-            req.liov = np.concatenate([req.liov[: start + k], rest_l, req.liov[end:]])
-            req.riov = np.concatenate([req.riov[: start + k], rest_r, req.riov[end:]])
+            all_l = np.concatenate([all_l[: start + k], rest_l, all_l[end:]])
+            all_r = np.concatenate([all_r[: start + k], rest_r, all_r[end:]])
             start += k
 
     def _raise(self, req: _Request, err: int, start: int, liov: U64) -> None:
@@ -302,7 +325,7 @@ class LoopbackBackend(Backend):
         assert isinstance(req, _Request)
         req.cancel = False
         req.error = None
-        if req.nbytes <= self._inline and req.liov.shape[0] <= _IOV_MAX:
+        if req.nbytes <= self._inline and len(req.local) <= _IOV_MAX:
             req.future = None
             try:
                 self._run(req, notif)
