@@ -1,0 +1,108 @@
+"""The nixl-core pytest plugin (entry point ``pytest11: nixl_core``).
+
+pytest loads it in every run of anyone who installs nixl-core, so it stays small and inert:
+
+- it declares the ``gpu`` and ``multi_gpu`` markers (so ``--strict-markers`` accepts them);
+- it skips tests marked ``gpu`` (``multi_gpu``) when fewer than one (two) CUDA devices are
+  visible. Devices are counted only when such a test was collected, through cupy or torch if
+  one of them is importable (neither is ever required), else from the NVIDIA driver's
+  ``/proc`` entries; nothing here creates a CUDA context or raises;
+- it provides two fixtures, both prefixed ``nixl_``: ``nixl_cuda_device_count`` and
+  ``nixl_fresh_plugins`` (a plugin manager rediscovered for one test).
+
+The conformance suites do not need it: their fixtures are methods of
+:class:`nixl_core.testing.BackendFixtures`.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+_MARKERS = {
+    "gpu": (1, "gpu: needs a CUDA GPU (skipped when none is visible)"),
+    "multi_gpu": (2, "multi_gpu: needs two CUDA GPUs (skipped when fewer are visible)"),
+}
+
+
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+@functools.cache
+def cuda_device_count() -> int:
+    """Visible CUDA devices (0 when none can be found); never raises."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if _importable("cupy"):
+            try:
+                import cupy
+
+                return int(cupy.cuda.runtime.getDeviceCount())
+            except Exception:  # no driver or no device: cupy raises its own error types
+                return 0
+        if _importable("torch"):
+            try:
+                import torch
+
+                return int(torch.cuda.device_count())
+            except Exception:  # a broken torch install must not break the test run
+                return 0
+    try:
+        count = len(os.listdir("/proc/driver/nvidia/gpus"))
+    except OSError:
+        return 0
+    if visible is not None:
+        count = min(count, len([v for v in visible.split(",") if v.strip()]))
+    return count
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for _, line in _MARKERS.values():
+        config.addinivalue_line("markers", line)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    needs: list[tuple[pytest.Item, str, int]] = []
+    for item in items:
+        for marker, (count, _) in _MARKERS.items():
+            if item.get_closest_marker(marker) is not None:
+                needs.append((item, marker, count))
+    if not needs:
+        return  # count devices only when a test asks for one
+    have = cuda_device_count()
+    for item, marker, count in needs:
+        if have < count:
+            item.add_marker(
+                pytest.mark.skip(reason=f"{marker}: needs {count} CUDA device(s), {have} visible")
+            )
+
+
+@pytest.fixture(scope="session")
+def nixl_cuda_device_count() -> int:
+    """Number of visible CUDA devices (0 without cupy/torch/driver)."""
+    return cuda_device_count()
+
+
+@pytest.fixture
+def nixl_fresh_plugins() -> Iterator[Any]:
+    """A plugin manager rediscovered for this test, forgotten again afterwards."""
+    from nixl_core._plugins import get_plugin_manager, reset_plugin_manager
+
+    reset_plugin_manager()
+    try:
+        yield get_plugin_manager()
+    finally:
+        reset_plugin_manager()
