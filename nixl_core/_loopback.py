@@ -23,6 +23,7 @@ import concurrent.futures
 import ctypes
 import errno
 import os
+import select
 import socket
 import struct
 import sys
@@ -177,6 +178,17 @@ class LoopbackBackend(Backend):
             threads, thread_name_prefix="nixl-loopback"
         )
         self._closed = False
+        # A receive thread drains the socket as datagrams arrive: the kernel queues only a few
+        # (net.unix.max_dgram_qlen), and a sender must not block because this agent's user has
+        # not called get_notifs() yet. get_notifs() drains too; both drain under one lock, so
+        # the messages of one sender stay in order.
+        self._inbox: collections.deque[tuple[str, bytes]] = collections.deque()
+        self._rx_lock = threading.Lock()
+        self._wake_r, self._wake_w = os.pipe()
+        self._rx_thread = threading.Thread(
+            target=self._receive, name=f"nixl-loopback-rx-{agent_name}", daemon=True
+        )
+        self._rx_thread.start()
 
     # ------------------------------------------------------------------ memory
     def register(self, mem_type: MemType, rows: U64, metas: Sequence[bytes]) -> list[Any]:
@@ -388,21 +400,39 @@ class LoopbackBackend(Backend):
                 f"notification to {peer!r} failed: {exc}", backend=self.name
             ) from exc
 
-    def get_notifs(self) -> list[tuple[str, bytes]]:
-        out: list[tuple[str, bytes]] = []
-        while self._self_notifs:
-            out.append(self._self_notifs.popleft())
+    def _drain(self) -> None:
+        """Move every queued datagram into the inbox (caller holds ``_rx_lock``)."""
         while True:
             try:
                 frame = self._rx.recv(1 << 20)
-            except BlockingIOError:
-                break
+            except (BlockingIOError, OSError):
+                return
             if len(frame) < 2:
                 continue
             (n,) = struct.unpack_from("<H", frame)
             if 2 + n > len(frame):
                 continue  # malformed datagram: not from a LOOPBACK peer
-            out.append((frame[2 : 2 + n].decode("utf-8", "replace"), frame[2 + n :]))
+            self._inbox.append((frame[2 : 2 + n].decode("utf-8", "replace"), frame[2 + n :]))
+
+    def _receive(self) -> None:
+        poller = select.poll()
+        poller.register(self._rx, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        while True:
+            events = poller.poll()
+            if any(fd == self._wake_r for fd, _ in events):
+                return  # close() asked to stop
+            with self._rx_lock:
+                self._drain()
+
+    def get_notifs(self) -> list[tuple[str, bytes]]:
+        out: list[tuple[str, bytes]] = []
+        while self._self_notifs:
+            out.append(self._self_notifs.popleft())
+        with self._rx_lock:
+            self._drain()
+            while self._inbox:
+                out.append(self._inbox.popleft())
         return out
 
     def close(self) -> None:
@@ -410,5 +440,9 @@ class LoopbackBackend(Backend):
             return
         self._closed = True
         self._pool.shutdown(wait=True, cancel_futures=True)
+        os.write(self._wake_w, b"x")  # the receive thread ends
+        self._rx_thread.join(timeout=5.0)
         self._rx.close()
         self._tx.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)

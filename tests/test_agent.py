@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -311,6 +312,21 @@ def test_send_notif_standalone(make_agent: MakeAgent) -> None:
     assert a.get_notifs() == {"a": [b"me"]}
     with pytest.raises(UnknownAgentError):
         a.send_notif("zz", b"x")
+
+
+def test_notifs_to_a_receiver_that_does_not_poll(make_agent: MakeAgent) -> None:
+    """A sender never blocks on a peer that has not called get_notifs() for a while."""
+    a, b, src, dst = _pair(make_agent)
+    t0 = time.monotonic()
+    for i in range(200):  # the kernel queues about ten datagrams per Unix socket
+        with a.create("WRITE", _blocks(src, 4096), _blocks(dst, 4096), "b", f"n{i}") as req:
+            assert req.post() is XferStatus.DONE or req.wait(5.0) is XferStatus.DONE
+    assert time.monotonic() - t0 < 4.0
+    deadline = time.monotonic() + 5.0
+    got: list[bytes] = []
+    while len(got) < 200 and time.monotonic() < deadline:
+        got.extend(b.get_notifs().get("a", []))
+    assert got == [f"n{i}".encode() for i in range(200)]
 
 
 def test_close_deregisters_everything(make_agent: MakeAgent) -> None:
