@@ -596,7 +596,8 @@ class Agent:
         Raises:
             MetadataError: truncated, corrupt or unknown-version metadata.
             InvalidParamError: the metadata is this agent's own.
-            NotAllowedError: changed connection info or blob for something already loaded.
+            NotAllowedError: changed connection info or blob for something already loaded, or a
+                region overlapping a different one loaded before (the peer re-registered).
             PluginError: no backend in common with the remote agent.
         """
         md = AgentMetadata.decode(metadata)
@@ -668,7 +669,16 @@ class Agent:
         new_idx = np.flatnonzero(~known)
         new_slots = sec.new_slots(int(new_idx.size))
         if new_idx.size:
-            table.add(np.ascontiguousarray(rows[new_idx]), new_slots)
+            try:
+                table.add(np.ascontiguousarray(rows[new_idx]), new_slots)
+            except RegistrationError as exc:
+                i = int(new_idx[exc.index]) if exc.index is not None else 0
+                raise NotAllowedError(
+                    f"agent {remote.name!r} sent its {section.mem_type.value} region {i} "
+                    f"[addr=0x{int(rows[i, 0]):x}, len={int(rows[i, 1])}, dev={int(rows[i, 2])}] "
+                    "that overlaps a different region loaded from its earlier metadata (it "
+                    "re-registered that memory); remove_remote() it and add its metadata again"
+                ) from exc
         all_idx = np.concatenate([np.asarray(load_idx, np.int64), new_idx]).astype(np.int64)
         if all_idx.size == 0:
             return

@@ -269,6 +269,21 @@ def test_changed_blob_not_allowed(make_agent: MakeAgent) -> None:
         b2.close()
 
 
+def test_peer_reregistered_region_names_the_agent(make_agent: MakeAgent) -> None:
+    """Metadata whose region overlaps a different one loaded before names the peer and the fix."""
+    a, b = make_agent("a"), make_agent("b")
+    buf = np.zeros(8192, np.uint8)
+    old = b.register([(buf.ctypes.data, 4096, 0)], "DRAM")
+    a.add_remote(b.metadata())
+    b.deregister(old)
+    b.register([(buf.ctypes.data, 8192, 0)], "DRAM")
+    with pytest.raises(NotAllowedError, match=r"agent 'b' .* region 0 .*len=8192.*remove_remote"):
+        a.add_remote(b.metadata())
+    a.remove_remote("b")
+    a.add_remote(b.metadata())
+    assert len(a.prep("b", DescList.from_tuples([(buf.ctypes.data + 4096, 4096, 0)], "DRAM"))) == 1
+
+
 def test_generation_refuses_stale_handles(make_agent: MakeAgent) -> None:
     """After remove + re-add, older prepared lists and requests are refused."""
     a, b, src, dst = _pair(make_agent)
