@@ -253,7 +253,10 @@ class LoopbackBackend(Backend):
             if known is None:
                 raise UnknownAgentError(peer)
             pid = known[0]
-        nbytes = int(local.lengths.sum(dtype=np.uint64))
+        if local.uniform_len >= 0:
+            nbytes = len(local) * local.uniform_len
+        else:
+            nbytes = int(local.lengths.sum(dtype=np.uint64))
         return _Request(op, pid, peer, local, remote, nbytes)
 
     @staticmethod

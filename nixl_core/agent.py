@@ -129,12 +129,14 @@ class _Section:
             out[inside] |= arr[slots[inside]]
         return out
 
-    def covers(self, backend: str, slots: I64, single: int = -1) -> bool:
+    def covers(self, backend: str, slots: I64 | None, single: int = -1) -> bool:
         arr = self.has.get(backend)
         if arr is None:
             return False
         if single >= 0:
             return single < arr.size and bool(arr[single])
+        if slots is None:
+            return False
         if slots.size and int(slots.max()) >= arr.size:
             return False
         return bool(arr[slots].all()) if slots.size else True
@@ -151,7 +153,8 @@ class _Remote:
         self.section = _Section()
 
 
-def _as_index(idx: Any, n: int, what: str) -> npt.NDArray[np.intp]:
+def _as_index(idx: Any, n: int, what: str) -> npt.NDArray[np.integer[Any]]:
+    """Checked index array, in a dtype ``take`` accepts without a copy where it can."""
     a = np.asarray(idx)
     if a.ndim != 1:
         raise InvalidParamError(f"{what} indices must be 1-D, got shape {a.shape}")
@@ -167,7 +170,14 @@ def _as_index(idx: Any, n: int, what: str) -> npt.NDArray[np.intp]:
             f"{n} descriptors",
             index=bad,
         )
-    return a.astype(np.intp, copy=False)
+    if np.can_cast(a.dtype, np.intp):
+        return a  # int8..int64, uint8..uint32: take() uses them as they are
+    return a.astype(np.intp)
+
+
+def _const(n: int, value: int, dtype: type[np.generic]) -> npt.NDArray[Any]:
+    """A read-only length-``n`` column holding one value, without allocating ``n`` elements."""
+    return np.broadcast_to(dtype(value), (n,))
 
 
 def _uniform(col: npt.NDArray[Any]) -> int:
@@ -185,25 +195,43 @@ def _columns(d: DescList) -> tuple[U64, U64, U64]:
 
 
 class _Cols:
-    """The gathered columns of a request's two sides, before the backend sees them."""
+    """The gathered columns of a request's two sides, before the backend sees them.
 
-    __slots__ = ("l_addr", "l_dev", "l_slot", "lens", "r_addr", "r_dev", "r_slot", "single_slots")
+    A column whose values are all equal is a read-only broadcast view; its value is kept in
+    ``ulen`` / ``l_udev`` / ``r_udev`` / ``l_uslot`` / ``r_uslot`` (-1 when not uniform).
+    """
+
+    __slots__ = (
+        "l_addr",
+        "l_dev",
+        "l_slot",
+        "l_udev",
+        "l_uslot",
+        "lens",
+        "r_addr",
+        "r_dev",
+        "r_slot",
+        "r_udev",
+        "r_uslot",
+        "ulen",
+    )
 
     def __init__(
         self,
-        l_addr: U64,
-        r_addr: U64,
+        addrs: tuple[U64, U64],
         lens: U64,
-        l_dev: U64,
-        r_dev: U64,
-        l_slot: I64,
-        r_slot: I64,
-        single_slots: bool,
+        devs: tuple[U64, U64],
+        slots: tuple[I64, I64],
+        ulen: int = -1,
+        udevs: tuple[int, int] = (-1, -1),
+        uslots: tuple[int, int] = (-1, -1),
     ) -> None:
-        self.l_addr, self.r_addr, self.lens = l_addr, r_addr, lens
-        self.l_dev, self.r_dev = l_dev, r_dev
-        self.l_slot, self.r_slot = l_slot, r_slot
-        self.single_slots = single_slots
+        self.l_addr, self.r_addr = addrs
+        self.lens, self.ulen = lens, ulen
+        self.l_dev, self.r_dev = devs
+        self.l_slot, self.r_slot = slots
+        self.l_udev, self.r_udev = udevs
+        self.l_uslot, self.r_uslot = uslots
 
     def merge(self) -> None:
         """Merge neighbours contiguous on both sides and in the same registrations (vectorized)."""
@@ -211,33 +239,54 @@ class _Cols:
         if n < 2:
             return
         la, ra, ll = self.l_addr, self.r_addr, self.lens
-        step = la[:-1] + ll[:-1]
-        joins = la[1:] == step
+        inc = np.uint64(self.ulen) if self.ulen >= 0 else ll[:-1]
+        joins = la[1:] == la[:-1] + inc
         if not joins.any():
             return
-        joins &= ra[1:] == ra[:-1] + ll[:-1]
-        if not self.single_slots:
+        joins &= ra[1:] == ra[:-1] + inc
+        if self.l_uslot < 0:
             joins &= self.l_slot[1:] == self.l_slot[:-1]
+        if self.r_uslot < 0:
             joins &= self.r_slot[1:] == self.r_slot[:-1]
         n_joins = int(np.count_nonzero(joins))
         # A handful of accidental neighbours in a scattered list is not worth seven gathers.
         if n_joins == 0 or (n > 4096 and n_joins * 64 < n):
             return
-        starts = np.flatnonzero(np.concatenate(([True], ~joins)))
-        self.lens = np.add.reduceat(ll, starts)
+        if n_joins == n - 1:  # one run (sorted indices over a contiguous layout)
+            starts = np.zeros(1, np.intp)
+            total = n * self.ulen if self.ulen >= 0 else int(ll.sum(dtype=np.uint64))
+            self.lens = np.array([total], np.uint64)
+        else:
+            starts = np.flatnonzero(np.concatenate(([True], ~joins)))
+            self.lens = np.add.reduceat(ll, starts)
+        m = int(starts.size)
+        self.ulen = -1
         self.l_addr = la[starts]
         self.r_addr = ra[starts]
-        self.l_dev = self.l_dev[starts]
-        self.r_dev = self.r_dev[starts]
-        self.l_slot = self.l_slot[starts]
-        self.r_slot = self.r_slot[starts]
+        self.l_dev = _const(m, self.l_udev, np.uint64) if self.l_udev >= 0 else self.l_dev[starts]
+        self.r_dev = _const(m, self.r_udev, np.uint64) if self.r_udev >= 0 else self.r_dev[starts]
+        self.l_slot = (
+            _const(m, self.l_uslot, np.int64) if self.l_uslot >= 0 else self.l_slot[starts]
+        )
+        self.r_slot = (
+            _const(m, self.r_uslot, np.int64) if self.r_uslot >= 0 else self.r_slot[starts]
+        )
+
+    def total_bytes(self) -> int:
+        n = int(self.lens.shape[0])
+        return n * self.ulen if self.ulen >= 0 else int(self.lens.sum(dtype=np.uint64))
 
 
-def _take(p: PreppedList, idx: npt.NDArray[np.intp], n: int) -> tuple[U64, U64, I64]:
-    """Gather (addrs, devs, slots) of a prepared list, skipping uniform columns."""
+def _slots_of(slots: I64 | None, n: int, single: int) -> I64:
+    """Per-descriptor slots from what ``_resolve`` returned."""
+    return slots if slots is not None else _const(n, single, np.int64)
+
+
+def _take(p: PreppedList, idx: npt.NDArray[np.integer[Any]], n: int) -> tuple[U64, U64, I64]:
+    """Gather (addrs, devs, slots) of a prepared list; uniform columns become broadcast views."""
     addrs = p.addrs.take(idx)
-    devs = np.full(n, p.uniform_dev, np.uint64) if p.uniform_dev >= 0 else p.devs.take(idx)
-    slots = np.full(n, p.single_slot, np.int64) if p.single_slot >= 0 else p.reg_slots.take(idx)
+    devs = _const(n, p.uniform_dev, np.uint64) if p.uniform_dev >= 0 else p.devs.take(idx)
+    slots = _const(n, p.single_slot, np.int64) if p.single_slot >= 0 else p.reg_slots.take(idx)
     return addrs, devs, slots
 
 
@@ -793,7 +842,17 @@ class Agent:
         cols: tuple[U64, U64, U64],
         backends: Sequence[str] | None,
         what: str,
-    ) -> tuple[I64, tuple[str, ...], int, int]:
+        bounds: tuple[int, int, int, int, int] | None = None,
+    ) -> tuple[I64 | None, tuple[str, ...], int, int]:
+        """Check descriptors against a side's registrations and find the backends covering them.
+
+        Args:
+            bounds: (min addr, max addr, max len, min dev, max dev) of the list, when known.
+
+        Returns:
+            (slot per descriptor, or None when all lie in the one registration ``single``;
+            covering backends; generation; the common slot or -1).
+        """
         sec, gen, _ = self._side(peer)
         table = sec.tables.get(mem_type)
         whose = "this agent" if sec is self._local else f"agent {peer!r}"
@@ -803,8 +862,11 @@ class Agent:
                 f"{mem_type.value} memory registered",
                 index=0,
             )
-        slots = table.lookup(*cols, what=what)
-        single = (_uniform(slots) if len(table) > 1 else int(slots[0])) if slots.size else -1
+        slots: I64 | None = None
+        single = table.sole(*bounds) if bounds is not None else -1
+        if single < 0:
+            slots = table.lookup(*cols, what=what)
+            single = (_uniform(slots) if len(table) > 1 else int(slots[0])) if slots.size else -1
         names = [n.upper() for n in backends] if backends else list(self._backends)
         remote_side = peer not in _INIT_ALIASES
         found: list[str] = []
@@ -850,21 +912,38 @@ class Agent:
             NotFoundError: no backend covers every descriptor.
         """
         d = as_descs(descs, mem_type)
-        cols = _columns(d)
-        slots, found, gen, single = self._resolve(peer, d.mem_type, cols, backends, "descriptor")
+        arr = d.array
+        # Only the address column is copied (make gathers it); lengths and devices are read in
+        # place, their bounds computed once for both the registration check and uniformity.
+        addrs = np.ascontiguousarray(arr[:, 0])
+        lens, devs = arr[:, 1], arr[:, 2]
+        bounds = None
+        ulen = udev = -1
+        if addrs.size:
+            lmin, lmax, dmin, dmax = (
+                int(lens.min()),
+                int(lens.max()),
+                int(devs.min()),
+                int(devs.max()),
+            )
+            bounds = (int(addrs.min()), int(addrs.max()), lmax, dmin, dmax)
+            ulen = lmin if lmin == lmax else -1
+            udev = dmin if dmin == dmax else -1
+        slots, found, gen, single = self._resolve(
+            peer, d.mem_type, (addrs, lens, devs), backends, "descriptor", bounds
+        )
         key = INIT_AGENT if peer in _INIT_ALIASES else peer
         return PreppedList(
             self,
             key,
             d.mem_type,
-            cols[0],
-            cols[1],
-            cols[2],
-            slots,
+            arr,
+            addrs,
+            slots if single < 0 else None,
             found,
             gen,
-            uniform_len=_uniform(cols[1]),
-            uniform_dev=_uniform(cols[2]),
+            uniform_len=ulen,
+            uniform_dev=udev,
             single_slot=single,
         )
 
@@ -934,13 +1013,18 @@ class Agent:
         if local.released or remote.released:
             raise InvalidParamError("prepared list was released")
         li = _as_index(local_idx, len(local), "local")
-        ri = _as_index(remote_idx, len(remote), "remote")
+        if remote_idx is local_idx and len(remote) == len(local):
+            ri = li  # one index array for both sides: checked once
+        else:
+            ri = _as_index(remote_idx, len(remote), "remote")
         n = li.size
         if n != ri.size:
             raise LengthMismatchError(f"{n} local indices but {ri.size} remote indices")
         self._check_generation(remote.peer, remote.generation)
+        ulen = -1
         if local.uniform_len >= 0 and local.uniform_len == remote.uniform_len:
-            lens = np.full(n, local.uniform_len, np.uint64)
+            ulen = local.uniform_len
+            lens = _const(n, ulen, np.uint64)
         else:
             lens = local.lens.take(li)
             ne = lens != remote.lens.take(ri)
@@ -959,14 +1043,13 @@ class Agent:
         l_addr, l_dev, l_slot = _take(local, li, n)
         r_addr, r_dev, r_slot = _take(remote, ri, n)
         cols = _Cols(
-            l_addr,
-            r_addr,
+            (l_addr, r_addr),
             lens,
-            l_dev,
-            r_dev,
-            l_slot,
-            r_slot,
-            local.single_slot >= 0 and remote.single_slot >= 0,
+            (l_dev, r_dev),
+            (l_slot, r_slot),
+            ulen,
+            (local.uniform_dev, remote.uniform_dev),
+            (local.single_slot, remote.single_slot),
         )
         return self._build(
             xop,
@@ -1027,15 +1110,21 @@ class Agent:
                 f"descriptor {k}: local length {int(lc[1][k])} != remote length {int(rc[1][k])}",
                 index=k,
             )
-        l_slots, l_found, _, _ = self._resolve(
+        l_slots, l_found, _, l_single = self._resolve(
             INIT_AGENT, ld.mem_type, lc, backends, "local descriptor"
         )
-        r_slots, r_found, gen, _ = self._resolve(
+        r_slots, r_found, gen, r_single = self._resolve(
             peer, rd.mem_type, rc, backends, "remote descriptor"
         )
         cands = [b for b in l_found if b in r_found]
         backend = self._choose(xop, ld.mem_type, rd.mem_type, peer, cands)
-        cols = _Cols(lc[0], rc[0], lc[1], lc[2], rc[2], l_slots, r_slots, False)
+        cols = _Cols(
+            (lc[0], rc[0]),
+            lc[1],
+            (lc[2], rc[2]),
+            (_slots_of(l_slots, lc[0].size, l_single), _slots_of(r_slots, rc[0].size, r_single)),
+            uslots=(l_single, r_single),
+        )
         return self._build(xop, backend, peer, gen, ld.mem_type, rd.mem_type, cols, notif, merge)
 
     def _build(
@@ -1060,6 +1149,9 @@ class Agent:
             cols.l_dev,
             cols.l_slot,
             self._local.handles[backend.name],
+            cols.ulen,
+            cols.l_udev,
+            cols.l_uslot,
         )
         rside = XferSide(
             r_mem,
@@ -1068,6 +1160,9 @@ class Agent:
             cols.r_dev,
             cols.r_slot,
             r_sec.handles[backend.name + suffix],
+            cols.ulen,
+            cols.r_udev,
+            cols.r_uslot,
         )
         breq = backend.prepare(op, lside, rside, peer)
         req = XferRequest(
@@ -1078,7 +1173,7 @@ class Agent:
             peer,
             notif.encode() if isinstance(notif, str) else notif,
             int(cols.lens.shape[0]),
-            int(cols.lens.sum(dtype=np.uint64)),
+            cols.total_bytes(),
             gen,
             self._on_error,
         )

@@ -96,8 +96,12 @@ class Availability:
 class XferSide:
     """One side of a transfer as a backend receives it.
 
-    The columns are contiguous 1-D uint64 arrays of one length N, already merged where
-    contiguous; the two sides of a request share one ``lengths`` array (lengths are equal).
+    The columns are 1-D arrays of one length N, already merged where contiguous; the two sides of
+    a request share one ``lengths`` array (lengths are equal). ``addrs`` is always contiguous.
+    A column whose values are all equal (``uniform_len``, ``uniform_dev``, ``single_slot`` >= 0)
+    may be a read-only broadcast view with stride 0: that costs nothing to build, and numpy
+    reads it like any array, but a backend that hands a column's buffer to native code must
+    pass it through ``np.ascontiguousarray`` first (or use the uniform value).
 
     Attributes:
         mem_type: memory type of every descriptor.
@@ -111,6 +115,9 @@ class XferSide:
             :meth:`Backend.register` (local side), :meth:`Backend.load_remote` (remote side) or
             :meth:`Backend.load_local` (loopback) returned. Backends that need per-descriptor
             native keys map ``reg_slots`` through their own arrays, vectorized.
+        uniform_len: the length of every descriptor, or -1 when they differ.
+        uniform_dev: the device of every descriptor, or -1 when they differ.
+        single_slot: the one registration slot of every descriptor, or -1.
     """
 
     mem_type: MemType
@@ -119,6 +126,9 @@ class XferSide:
     devs: U64
     reg_slots: I64
     slot_handles: Mapping[int, Any]
+    uniform_len: int = -1
+    uniform_dev: int = -1
+    single_slot: int = -1
 
     def __len__(self) -> int:
         return int(self.addrs.shape[0])
@@ -134,6 +144,8 @@ class XferSide:
 
     def unique_handles(self) -> tuple[I64, list[Any]]:
         """(inverse index per descriptor, handles of the distinct registrations), vectorized."""
+        if self.single_slot >= 0:
+            return np.zeros(len(self), np.int64), [self.slot_handles[self.single_slot]]
         uniq, inverse = np.unique(self.reg_slots, return_inverse=True)
         return inverse.astype(np.int64), [self.slot_handles[int(s)] for s in uniq]
 

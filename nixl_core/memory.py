@@ -236,11 +236,33 @@ class RegTable:
         pos = lo - 1
         return np.where(pos >= seg_lo, pos, -1)
 
+    def sole(self, amin: int, amax: int, lmax: int, dmin: int, dmax: int) -> int:
+        """Slot of the only registration when it surely covers a whole list, else -1.
+
+        Args:
+            amin, amax: smallest and largest address of the list.
+            lmax: largest length.
+            dmin, dmax: smallest and largest device.
+
+        The bounds are sufficient, and exact when lengths are uniform (KV blocks); when this
+        returns -1, :meth:`lookup` decides per descriptor.
+        """
+        if self._addr.size != 1:
+            return -1
+        if (
+            amin >= int(self._addr[0])
+            and amax + lmax <= int(self._end[0])
+            and dmin == dmax == int(self._dev[0])
+        ):
+            return int(self._slot[0])
+        return -1
+
     def lookup(self, addrs: U64, lens: U64, devs: U64, what: str = "descriptor") -> I64:
         """Slot of the registration covering each descriptor.
 
         Args:
-            addrs, lens, devs: the descriptors' columns (contiguous uint64 arrays of one length).
+            addrs, lens, devs: the descriptors' columns (1-D uint64 arrays of one length; strided
+                views of an (N, 3) array are fine).
             what: how to name the list in an error message.
 
         Returns:
@@ -262,16 +284,15 @@ class RegTable:
         if self._addr.size == 1:
             # One registration (the common case: a whole KV cache or staging buffer): bounds of
             # the whole list decide, without a per-descriptor gather.
-            start, end, dev = int(self._addr[0]), int(self._end[0]), int(self._dev[0])
-            # Sufficient bounds from six reductions, no temporaries: exact when lengths are
-            # uniform (KV blocks); otherwise the per-descriptor check below decides.
-            if (
-                int(addrs.min()) >= start
-                and int(addrs.max()) + int(lens.max()) <= end
-                and int(devs.min()) == dev
-                and int(devs.max()) == dev
-            ):
-                return np.full(n, self._slot[0], np.int64)
+            slot = self.sole(
+                int(addrs.min()),
+                int(addrs.max()),
+                int(lens.max()),
+                int(devs.min()),
+                int(devs.max()),
+            )
+            if slot >= 0:
+                return np.full(n, slot, np.int64)
             pos = np.where(addrs >= self._addr[0], 0, -1).astype(np.int64)
             pos[devs != self._dev[0]] = -1
         else:

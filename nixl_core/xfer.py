@@ -68,34 +68,87 @@ class XferTelemetry:
     path: str
 
 
-@attrs.define(eq=False, repr=False)
 class PreppedList:
     """A descriptor list checked once against one agent's registrations (``prep``).
 
     ``peer`` is the agent whose memory the descriptors describe: "" for the initiator's own
     memory, a remote agent's name, or the agent's own name for loopback. ``make`` gathers from it
-    with index arrays. The columns are stored contiguous, and uniform lengths, devices and
-    registrations are noted (-1 when not uniform) so that ``make`` can skip gathering them.
+    with index arrays. The address column is kept contiguous (``make`` gathers it); uniform
+    lengths, devices and registrations are noted (-1 when not uniform) so that ``make`` does not
+    gather them, and their columns are only built when asked for.
+
+    Attributes:
+        agent: the agent that prepared it.
+        peer: whose memory the descriptors describe ("" = the initiator's own).
+        mem_type: memory type of every descriptor.
+        descs: the (N, 3) [addr, len, dev] array (read-only, the caller's list).
+        addrs: contiguous address column.
+        backends: backends that cover every descriptor, in preference order.
+        generation: the remote agent's metadata generation it was checked against.
+        uniform_len, uniform_dev, single_slot: the common length, device, registration slot,
+            or -1.
+        released: set by :meth:`release`.
     """
 
-    agent: Agent
-    peer: str
-    mem_type: MemType
-    addrs: U64
-    lens: U64
-    devs: U64
-    reg_slots: I64
-    backends: tuple[str, ...]
-    generation: int
-    uniform_len: int = -1
-    uniform_dev: int = -1
-    single_slot: int = -1
-    released: bool = False
+    __slots__ = (
+        "_devs",
+        "_lens",
+        "_slots",
+        "addrs",
+        "agent",
+        "backends",
+        "descs",
+        "generation",
+        "mem_type",
+        "peer",
+        "released",
+        "single_slot",
+        "uniform_dev",
+        "uniform_len",
+    )
+
+    def __init__(
+        self,
+        agent: Agent,
+        peer: str,
+        mem_type: MemType,
+        descs: U64,
+        addrs: U64,
+        slots: I64 | None,
+        backends: tuple[str, ...],
+        generation: int,
+        uniform_len: int = -1,
+        uniform_dev: int = -1,
+        single_slot: int = -1,
+    ) -> None:
+        self.agent, self.peer, self.mem_type = agent, peer, mem_type
+        self.descs, self.addrs, self._slots = descs, addrs, slots
+        self.backends, self.generation = backends, generation
+        self.uniform_len, self.uniform_dev, self.single_slot = uniform_len, uniform_dev, single_slot
+        self._lens: U64 | None = None
+        self._devs: U64 | None = None
+        self.released = False
 
     @property
-    def descs(self) -> U64:
-        """The list as an (N, 3) [addr, len, dev] array (built on each access)."""
-        return np.stack([self.addrs, self.lens, self.devs], axis=1)
+    def lens(self) -> U64:
+        """Contiguous length column (built on first access)."""
+        if self._lens is None:
+            self._lens = np.ascontiguousarray(self.descs[:, 1])
+        return self._lens
+
+    @property
+    def devs(self) -> U64:
+        """Contiguous device column (built on first access)."""
+        if self._devs is None:
+            self._devs = np.ascontiguousarray(self.descs[:, 2])
+        return self._devs
+
+    @property
+    def reg_slots(self) -> I64:
+        """Registration slot of each descriptor (built on first access when all share one)."""
+        if self._slots is None:
+            self._slots = np.full(len(self), self.single_slot, np.int64)
+        return self._slots
 
     def __len__(self) -> int:
         return int(self.addrs.shape[0])

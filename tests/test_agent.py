@@ -7,6 +7,8 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from nixl_core import (
     Agent,
@@ -108,6 +110,55 @@ def test_merge_contiguous_and_opt_out(make_agent: MakeAgent) -> None:
     ridx[10:] = (ridx[10:] + 1) % len(rp)
     r = a.make("WRITE", lp, idx[:-1], rp, ridx[:-1])
     assert r.desc_count == 2
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    blk=st.sampled_from([16, 64, 256]),
+    idx=st.lists(st.integers(0, 63), min_size=1, max_size=300),
+    shift=st.integers(0, 63),
+    mixed=st.booleans(),
+)
+def test_merged_and_unmerged_move_the_same_bytes(
+    make_agent: MakeAgent, blk: int, idx: list[int], shift: int, mixed: bool
+) -> None:
+    """Whatever the index arrays, merging changes the descriptor count, never the bytes moved."""
+    a = make_agent(f"m{blk}{len(idx)}{shift}{mixed}")
+    src = np.random.default_rng(shift).integers(0, 255, 64 * blk, dtype=np.uint8)
+    d1, d2 = np.zeros(64 * blk, np.uint8), np.zeros(64 * blk, np.uint8)
+    for buf in (src, d1, d2):
+        a.register(buf)
+    li = np.asarray(idx)
+    ri = (li + shift) % 64
+    if mixed:  # lengths that differ per descriptor: the non-uniform path
+        lens = np.full(64, blk, np.uint64)
+        lens[::3] = blk // 2
+        descs = [
+            DescList.from_array(
+                np.stack(
+                    [
+                        b.ctypes.data + np.arange(64, dtype=np.uint64) * blk,
+                        lens,
+                        np.zeros(64, np.uint64),
+                    ],
+                    axis=1,
+                ),
+                "DRAM",
+            )
+            for b in (src, d1, d2)
+        ]
+        ri = li
+    else:
+        descs = [_blocks(b, blk) for b in (src, d1, d2)]
+    lp = a.prep("", descs[0])
+    for dst, merge in ((descs[1], True), (descs[2], False)):
+        with a.make("WRITE", lp, li, a.prep(a.name, dst), ri, merge=merge) as r:
+            r.post()
+            assert r.wait(5) is XferStatus.DONE
+            assert r.total_bytes == int(lp.lens[li].sum())
+    np.testing.assert_array_equal(d1, d2)
 
 
 def test_telemetry_and_repost(make_agent: MakeAgent) -> None:
