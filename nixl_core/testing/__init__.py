@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from nixl_core.testing._peer import PeerBuffer, PeerError, PeerProcess
     from nixl_core.testing.fixtures import BackendFixtures
+    from nixl_core.testing.storage import StorageSuite
     from nixl_core.testing.suites import (
         BadInputSuite,
         LocalXferSuite,
@@ -36,6 +37,7 @@ __all__ = [
     "PeerProcess",
     "RegistrationSuite",
     "RemoteXferSuite",
+    "StorageSuite",
 ]
 
 _WHERE = {
@@ -48,6 +50,7 @@ _WHERE = {
     "PeerProcess": "nixl_core.testing._peer",
     "RegistrationSuite": "nixl_core.testing.suites",
     "RemoteXferSuite": "nixl_core.testing.suites",
+    "StorageSuite": "nixl_core.testing.storage",
 }
 
 

@@ -1,0 +1,649 @@
+"""The POSIX backend: DRAM <-> FILE as loopback transfers, asynchronous, one syscall per batch.
+
+FILE descriptors follow NIXL: ``addr`` = file offset, ``len`` (0 = unbounded in a registration),
+``dev`` = the file. A FILE registration is either
+
+- **fd mode**: ``dev`` is an open file descriptor the caller owns, or
+- **path mode**: the region's meta is ``<modes>:<path>`` with modes ``ro`` or ``rw`` plus any of
+  ``direct``, ``sync``, ``noatime``, ``create`` (e.g. ``b"rw,direct,create:/data/kv.bin"``);
+  ``dev`` is then any id the caller picks for the file, and the backend opens the file at
+  registration and closes it at deregistration.
+
+Transfers are loopback (peer = the agent's own name): the local side is DRAM, the remote side
+FILE. WRITE writes memory to the file, READ reads the file into memory.
+
+Engines (param ``engine``): ``uring`` (default where the kernel allows it) submits a whole request
+to an io_uring with one ``io_uring_enter``: the submission entries are written by numpy, so no
+Python code runs per descriptor, and a completion thread reaps them. ``threads`` runs
+``pread``/``pwrite`` from worker threads (the GIL is released in each call, but Python loops per
+descriptor); it is the fallback where io_uring is disabled (many container seccomp profiles).
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import errno
+import itertools
+import logging
+import os
+import stat
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, ClassVar
+
+import numpy as np
+import numpy.typing as npt
+
+from nixl_core.backend import Availability, Backend, BackendRequest, XferOp, XferSide, XferStatus
+from nixl_core.errors import (
+    InvalidDescriptorError,
+    InvalidParamError,
+    NotSupportedError,
+    RegistrationError,
+    RepostActiveError,
+    TransferError,
+)
+from nixl_core.memory import MemType
+
+__all__ = ["FileIOError", "PosixBackend", "parse_path_meta"]
+
+logger = logging.getLogger("nixl_posix")
+
+U64 = npt.NDArray[np.uint64]
+I64 = npt.NDArray[np.int64]
+
+_MODES = frozenset({"ro", "rw", "direct", "sync", "noatime", "create"})
+_DIRECT_ALIGN = 512  # logical block size every Linux block device accepts for O_DIRECT
+_WAKE = 0  # user_data id of the wake-up no-op; requests use ids >= 1
+
+
+class FileIOError(TransferError):
+    """A file read or write failed; names the file, the offset and the descriptor.
+
+    Attributes:
+        path: the file (as registered, or /proc/self/fd's link for fd-mode files).
+        offset: file offset of the failing I/O.
+        index: the descriptor's position in the request (after the core's merging).
+        errno: the OS error number, or None for a short read/write.
+    """
+
+    def __init__(
+        self, msg: str, *, path: str, offset: int, index: int, err: int | None, backend: str
+    ) -> None:
+        super().__init__(msg, backend=backend)
+        self.path, self.offset, self.index, self.errno = path, offset, index, err
+
+
+def parse_path_meta(meta: bytes) -> tuple[frozenset[str], str] | None:
+    """Split a path-mode meta ``<modes>:<path>``; None when ``meta`` is not one (fd mode)."""
+    text = meta.decode("utf-8", "surrogateescape")
+    head, sep, path = text.partition(":")
+    if not sep or not path:
+        return None
+    modes = frozenset(m.strip() for m in head.split(",") if m.strip())
+    if not modes or not modes <= _MODES or len(modes & {"ro", "rw"}) != 1:
+        return None
+    return modes, path
+
+
+class _File:
+    """A FILE registration's handle."""
+
+    __slots__ = ("dev", "direct", "fd", "owned", "path")
+
+    def __init__(self, fd: int, path: str, owned: bool, direct: bool, dev: int) -> None:
+        self.fd, self.path, self.owned, self.direct, self.dev = fd, path, owned, direct, dev
+
+
+def _open(path: str, modes: frozenset[str]) -> int:
+    flags = os.O_RDWR if "rw" in modes else os.O_RDONLY
+    flags |= os.O_CLOEXEC
+    if "direct" in modes:
+        flags |= os.O_DIRECT
+    if "sync" in modes:
+        flags |= os.O_DSYNC
+    if "noatime" in modes:
+        flags |= os.O_NOATIME
+    if "create" in modes:
+        flags |= os.O_CREAT
+    return os.open(path, flags, 0o644)
+
+
+def _fd_path(fd: int) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return f"<fd {fd}>"
+
+
+class _Request(BackendRequest):
+    """A prepared request: per-I/O arrays, built once, reposted as is."""
+
+    def __init__(
+        self,
+        op: XferOp,
+        fds: int | npt.NDArray[np.int32],
+        offs: U64,
+        addrs: U64,
+        lens: U64,
+        desc: I64 | None,
+        files: dict[int, _File],
+        flags: int | npt.NDArray[np.uint8],
+    ) -> None:
+        super().__init__()
+        self.op, self.fds, self.offs, self.addrs, self.lens = op, fds, offs, addrs, lens
+        self.desc = desc  # descriptor of each I/O when large ones were split, else None
+        self.files = files
+        self.flags = flags
+        self.n = int(offs.shape[0])
+        self.id = 0
+        self.submitted = 0
+        self.completed = 0
+        self.status = XferStatus.PENDING
+        self.canceled = False
+        self.bad: tuple[int, int] | None = None  # (I/O index, res) of the first failure
+
+    def fd_of(self, i: int) -> int:
+        return int(self.fds) if np.ndim(self.fds) == 0 else int(self.fds[i])  # type: ignore[index]
+
+    def reset(self) -> None:
+        self.submitted = self.completed = 0
+        self.bad = None
+        self.error = None
+        self.canceled = False
+        self.status = XferStatus.IN_PROGRESS
+
+    def fail(self, i: int, res: int) -> None:
+        if self.bad is None or i < self.bad[0]:
+            self.bad = (i, res)
+
+    def finish(self, backend: str) -> None:
+        """Set the final status once every submitted I/O completed."""
+        if self.bad is None and not self.canceled:
+            self.status = XferStatus.DONE
+            return
+        if self.bad is not None:
+            self.error = self._error(backend, *self.bad)
+        else:
+            from nixl_core.errors import TransferCanceledError
+
+            self.error = TransferCanceledError("request released while running", backend=backend)
+        self.status = XferStatus.ERROR
+
+    def _error(self, backend: str, i: int, res: int) -> FileIOError:
+        fd = self.fd_of(i)
+        f = self.files.get(fd)
+        path = f.path if f is not None else _fd_path(fd)
+        off, ln, addr = int(self.offs[i]), int(self.lens[i]), int(self.addrs[i])
+        idx = int(self.desc[i]) if self.desc is not None else i
+        verb = "read" if self.op is XferOp.READ else "write"
+        where = f"{path} at offset {off}"
+        if res >= 0:
+            if self.op is XferOp.READ:
+                msg = (
+                    f"short read at EOF: {where} gave {res} of {ln} bytes (descriptor {idx}; the "
+                    f"file ends at offset {off + res})"
+                )
+            else:
+                msg = f"short write: {where} took {res} of {ln} bytes (descriptor {idx})"
+            return FileIOError(msg, path=path, offset=off, index=idx, err=None, backend=backend)
+        e = -res
+        if e == errno.EINVAL and f is not None and f.direct:
+            msg = (
+                f"misaligned O_DIRECT {verb}: {where}, length {ln}, buffer 0x{addr:x} (descriptor "
+                f"{idx}); offsets, lengths and buffer addresses must be multiples of "
+                f"{_DIRECT_ALIGN} — use aligned buffers or register the file without 'direct'"
+            )
+        elif e == errno.EBADF:
+            msg = (
+                f"cannot {verb} {where} (descriptor {idx}): fd {fd} is not open for "
+                f"{'reading' if self.op is XferOp.READ else 'writing'}"
+            )
+        else:
+            msg = f"{verb} failed: {where}, length {ln} (descriptor {idx}): {os.strerror(e)}"
+        return FileIOError(msg, path=path, offset=off, index=idx, err=e, backend=backend)
+
+
+class _UringEngine:
+    """Submits requests to one io_uring; a completion thread reaps and submits what waits."""
+
+    path = "posix:io_uring"
+
+    def __init__(self, backend: str, entries: int) -> None:
+        from nixl_posix._uring import Ring
+
+        self._backend = backend
+        self._ring = Ring(entries)
+        self._cond = threading.Condition()
+        self._queue: collections.deque[_Request] = collections.deque()
+        self._live: dict[int, _Request] = {}
+        self._ids = itertools.count(1)
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="nixl-posix-uring", daemon=True)
+        self._thread.start()
+
+    def start(self, req: _Request) -> None:
+        from nixl_posix._uring import OP_READ, OP_WRITE
+
+        req.id = next(self._ids) & 0xFFFFFFFF or next(self._ids)
+        req.opcode = OP_READ if req.op is XferOp.READ else OP_WRITE  # type: ignore[attr-defined]
+        with self._cond:
+            self._live[req.id] = req
+            self._queue.append(req)
+            self._pump()
+            self._cond.notify_all()
+
+    def _pump(self) -> None:
+        ring = self._ring
+        while self._queue:
+            req = self._queue[0]
+            room = ring.capacity()
+            if room <= 0:
+                return
+            lo = req.submitted
+            hi = min(req.n, lo + room)
+            ud = np.arange(lo, hi, dtype=np.uint64) | np.uint64(req.id << 32)
+            fds = req.fds if np.ndim(req.fds) == 0 else req.fds[lo:hi]  # type: ignore[index]
+            flags = req.flags if np.ndim(req.flags) == 0 else req.flags[lo:hi]  # type: ignore[index]
+            ring.submit(
+                req.opcode,
+                fds,
+                req.offs[lo:hi],
+                req.addrs[lo:hi],  # type: ignore[attr-defined]
+                req.lens[lo:hi],
+                ud,
+                flags,
+            )
+            req.submitted = hi
+            if hi == req.n:
+                self._queue.popleft()
+
+    def _reap(self) -> None:
+        ud, res = self._ring.reap()
+        if ud.size == 0:
+            return
+        ids = (ud >> np.uint64(32)).astype(np.int64)
+        idx = (ud & np.uint64(0xFFFFFFFF)).astype(np.intp)
+        lo, hi = int(ids.min()), int(ids.max())
+        groups = [lo] if lo == hi else np.unique(ids).tolist()
+        for rid in groups:
+            if rid == _WAKE:
+                continue
+            req = self._live.get(rid)
+            if req is None:
+                continue
+            if lo == hi:
+                i, r = idx, res
+            else:
+                sel = ids == rid
+                i, r = idx[sel], res[sel]
+            bad = r.astype(np.int64) != req.lens[i].astype(np.int64)
+            if bad.any():
+                k = int(np.argmax(bad))
+                req.fail(int(i[k]), int(r[k]))
+            req.completed += int(i.size)
+            if req.completed == req.n or (req.canceled and req.completed == req.submitted):
+                del self._live[rid]
+                req.finish(self._backend)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and self._ring.in_flight == 0:
+                    self._cond.wait()
+                if self._closed and self._ring.in_flight == 0:
+                    return
+            self._ring.wait(1)  # GIL released while the kernel works
+            with self._cond:
+                self._reap()
+                self._pump()
+                self._cond.notify_all()
+
+    def cancel(self, req: _Request, timeout: float) -> None:
+        with self._cond:
+            if req.status is not XferStatus.IN_PROGRESS:
+                return
+            req.canceled = True
+            if req in self._queue:
+                self._queue.remove(req)
+            if req.completed == req.submitted:
+                self._live.pop(req.id, None)
+                req.finish(self._backend)
+                return
+            # Submitted I/O still reads or writes the caller's buffers: wait for it to end.
+            if not self._cond.wait_for(lambda: req.status is not XferStatus.IN_PROGRESS, timeout):
+                raise RepostActiveError(
+                    f"POSIX request still has {req.submitted - req.completed} I/Os in the kernel "
+                    f"after {timeout} s"
+                )
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._queue.clear()
+            self._ring.nop(_WAKE)
+            self._cond.notify_all()
+        self._thread.join(timeout=30)
+        self._ring.close()
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_pread = _libc.pread
+_pread.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int64]
+_pread.restype = ctypes.c_ssize_t
+_pwrite = _libc.pwrite
+_pwrite.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int64]
+_pwrite.restype = ctypes.c_ssize_t
+
+
+class _ThreadEngine:
+    """pread/pwrite from a thread pool; each worker takes a contiguous share of the I/Os."""
+
+    path = "posix:threads"
+
+    def __init__(self, backend: str, threads: int) -> None:
+        self._backend = backend
+        self._threads = threads
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="nixl-posix")
+        self._lock = threading.Lock()
+        self._done = threading.Condition(self._lock)
+
+    def start(self, req: _Request) -> None:
+        parts = max(1, min(self._threads, req.n))
+        bounds = np.linspace(0, req.n, parts + 1).astype(np.int64).tolist()
+        req.submitted = req.n
+        req.parts_left = parts  # type: ignore[attr-defined]
+        for lo, hi in itertools.pairwise(bounds):
+            self._pool.submit(self._work, req, lo, hi)
+
+    def _work(self, req: _Request, lo: int, hi: int) -> None:
+        fn = _pread if req.op is XferOp.READ else _pwrite
+        scalar_fd = np.ndim(req.fds) == 0
+        fd0 = int(req.fds) if scalar_fd else 0  # type: ignore[arg-type]
+        offs, addrs, lens = req.offs.tolist(), req.addrs.tolist(), req.lens.tolist()
+        fds = None if scalar_fd else req.fds.tolist()  # type: ignore[union-attr]
+        bad: tuple[int, int] | None = None
+        done = lo
+        for i in range(lo, hi):
+            if req.canceled:
+                break
+            fd = fd0 if fds is None else fds[i]
+            want, got = lens[i], 0
+            while got < want:
+                r = fn(fd, addrs[i] + got, want - got, offs[i] + got)
+                if r < 0:
+                    e = ctypes.get_errno()
+                    if e == errno.EINTR:
+                        continue
+                    bad = (i, -e)
+                    break
+                if r == 0:
+                    bad = (i, got)
+                    break
+                got += r
+            done = i + 1
+            if bad is not None:
+                break
+        with self._done:
+            if bad is not None:
+                req.fail(*bad)
+            req.completed += done - lo
+            req.parts_left -= 1  # type: ignore[attr-defined]
+            if req.parts_left == 0:  # type: ignore[attr-defined]
+                if req.bad is None and req.completed < req.n:
+                    req.canceled = True
+                req.finish(self._backend)
+            self._done.notify_all()
+
+    def cancel(self, req: _Request, timeout: float) -> None:
+        with self._done:
+            if req.status is not XferStatus.IN_PROGRESS:
+                return
+            req.canceled = True
+            if not self._done.wait_for(lambda: req.status is not XferStatus.IN_PROGRESS, timeout):
+                raise RepostActiveError(f"POSIX request did not stop within {timeout} s")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=False)
+
+
+class PosixBackend(Backend):
+    """DRAM <-> FILE through io_uring (or a thread pool); loopback transfers only."""
+
+    name: ClassVar[str] = "POSIX"
+    mem_types: ClassVar[frozenset[MemType]] = frozenset({MemType.DRAM, MemType.FILE})
+    supports_local = True
+    supports_remote = False
+    supports_notif = False
+    install_hint = "pip install nixl-posix"
+    default_params: ClassVar[Mapping[str, str]] = {
+        "engine": "auto",
+        "ring_entries": "4096",
+        "num_threads": "4",
+        "max_io_size": str(8 << 20),
+        "async_min_size": "0",
+    }
+
+    @classmethod
+    def probe(cls) -> Availability:
+        if not hasattr(os, "preadv"):
+            return Availability(False, "needs Linux (pread/pwrite on file descriptors)")
+        return Availability(True)
+
+    def __init__(self, agent_name: str, params: Mapping[str, Any]) -> None:
+        super().__init__(agent_name, params)
+        p = {**self.default_params, **{k: str(v) for k, v in params.items()}}
+        try:
+            entries = int(p["ring_entries"])
+            threads = int(p["num_threads"])
+            self._max_io = int(p["max_io_size"])
+            self._async_min = int(p["async_min_size"])
+        except ValueError as exc:
+            raise InvalidParamError(f"POSIX params: {exc}") from exc
+        if entries < 1 or threads < 1 or self._max_io < 4096:
+            raise InvalidParamError(
+                "POSIX params: ring_entries and num_threads must be >= 1, max_io_size >= 4096"
+            )
+        self._max_io &= ~4095  # split points stay O_DIRECT-aligned
+        engine = p["engine"].lower()
+        if engine not in ("auto", "uring", "threads"):
+            raise InvalidParamError(f"POSIX engine {engine!r}: expected auto, uring or threads")
+        self._engine: _UringEngine | _ThreadEngine
+        if engine in ("auto", "uring"):
+            from nixl_posix._uring import UringUnavailableError
+
+            try:
+                self._engine = _UringEngine(self.name, entries)
+            except UringUnavailableError as exc:
+                if engine == "uring":
+                    raise InvalidParamError(f"POSIX engine 'uring' is unavailable: {exc}") from exc
+                logger.info("io_uring unavailable (%s); POSIX uses its thread engine", exc)
+                self._engine = _ThreadEngine(self.name, threads)
+        else:
+            self._engine = _ThreadEngine(self.name, threads)
+        self.engine_name = "uring" if isinstance(self._engine, _UringEngine) else "threads"
+        self._closed = False
+
+    # ------------------------------------------------------------------ memory
+    def register(self, mem_type: MemType, rows: U64, metas: Sequence[bytes]) -> list[Any]:
+        if mem_type is not MemType.FILE:
+            return [None] * int(rows.shape[0])
+        out: list[_File] = []
+        try:
+            for i, (dev, meta) in enumerate(zip(rows[:, 2].tolist(), metas, strict=True)):
+                out.append(self._register_file(i, int(dev), meta))
+        except BaseException:
+            self.deregister(out)
+            raise
+        return out
+
+    def _register_file(self, i: int, dev: int, meta: bytes) -> _File:
+        parsed = parse_path_meta(meta) if meta else None
+        if parsed is not None:
+            modes, path = parsed
+            try:
+                fd = _open(path, modes)
+            except OSError as exc:
+                raise RegistrationError(
+                    f"FILE registration {i}: cannot open {path!r} ({','.join(sorted(modes))}): "
+                    f"{exc.strerror}",
+                    index=i,
+                ) from exc
+            return _File(fd, path, True, "direct" in modes, dev)
+        try:
+            st = os.fstat(dev)
+            fl = int(__import__("fcntl").fcntl(dev, __import__("fcntl").F_GETFL))
+        except OSError as exc:
+            raise RegistrationError(
+                f"FILE registration {i}: dev {dev} is not an open file descriptor ({exc.strerror}); "
+                "pass an open fd as dev, or a '<ro|rw>[,direct,...]:<path>' meta for path mode",
+                index=i,
+            ) from exc
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            raise RegistrationError(
+                f"FILE registration {i}: fd {dev} ({_fd_path(dev)}) is not a regular file or block "
+                "device",
+                index=i,
+            )
+        return _File(dev, _fd_path(dev), False, bool(fl & os.O_DIRECT), dev)
+
+    def deregister(self, handles: Sequence[Any]) -> None:
+        for h in handles:
+            if isinstance(h, _File) and h.owned and h.fd >= 0:
+                try:
+                    os.close(h.fd)
+                except OSError as exc:  # closing is best effort; say so
+                    logger.warning("closing %s: %s", h.path, exc)
+                h.fd = -1
+
+    def query_mem(
+        self, mem_type: MemType, rows: U64, metas: Sequence[bytes]
+    ) -> list[dict[str, Any] | None]:
+        if mem_type is not MemType.FILE:
+            raise NotSupportedError(f"POSIX query_mem answers for FILE, not {mem_type.value}")
+        out: list[dict[str, Any] | None] = []
+        for meta in metas:
+            parsed = parse_path_meta(meta)
+            path = parsed[1] if parsed else meta.decode("utf-8", "surrogateescape")
+            try:
+                st = os.stat(path)
+            except OSError:
+                out.append(None)
+                continue
+            out.append({"size": st.st_size, "mode": st.st_mode, "mtime": st.st_mtime})
+        return out
+
+    # ------------------------------------------------------------------ transfers
+    def prepare(self, op: XferOp, local: XferSide, remote: XferSide, peer: str) -> BackendRequest:
+        if peer != self.agent_name:
+            raise NotSupportedError(
+                f"POSIX moves data between this agent's memory and its files only (peer must be "
+                f"{self.agent_name!r}, got {peer!r})"
+            )
+        if local.mem_type is not MemType.DRAM or remote.mem_type is not MemType.FILE:
+            raise NotSupportedError(
+                f"POSIX transfers DRAM (local) <-> FILE (remote), not {local.mem_type.value} -> "
+                f"{remote.mem_type.value}"
+            )
+        n = len(local)
+        files: dict[int, _File] = {}
+        if remote.single_slot >= 0:
+            h = remote.slot_handles[remote.single_slot]
+            files[h.fd] = h
+            fds: int | npt.NDArray[np.int32] = h.fd
+            direct = np.full(n, h.direct) if h.direct else None
+        else:
+            inverse, handles = remote.unique_handles()
+            for h in handles:
+                files[h.fd] = h
+            fds = np.array([h.fd for h in handles], np.int32)[inverse]
+            dflags = np.array([h.direct for h in handles], bool)
+            direct = dflags[inverse] if dflags.any() else None
+        offs = np.ascontiguousarray(remote.addrs, np.uint64)
+        addrs = np.ascontiguousarray(local.addrs, np.uint64)
+        lens = np.ascontiguousarray(local.lengths, np.uint64)
+        if direct is not None:
+            self._check_direct(op, direct, offs, addrs, lens, fds, files)
+        desc: I64 | None = None
+        big = lens > np.uint64(self._max_io)
+        if big.any():  # split large descriptors: vectorized, O_DIRECT alignment kept
+            m = np.uint64(self._max_io)
+            counts = np.maximum((lens + m - np.uint64(1)) // m, np.uint64(1)).astype(np.int64)
+            desc = np.repeat(np.arange(n, dtype=np.int64), counts)
+            first = np.repeat(np.cumsum(counts) - counts, counts)
+            step = (np.arange(desc.size, dtype=np.int64) - first).astype(np.uint64) * m
+            offs = offs[desc] + step
+            addrs = addrs[desc] + step
+            lens = np.minimum(lens[desc] - step, m)
+            if np.ndim(fds):
+                fds = fds[desc]  # type: ignore[index]
+        flags: int | npt.NDArray[np.uint8] = 0
+        if isinstance(self._engine, _UringEngine):
+            from nixl_posix._uring import SQE_ASYNC
+
+            # Large I/Os go to the kernel's worker threads (in parallel, and post() returns at
+            # once); small ones are served inline, where a worker hand-off would cost more.
+            is_async = lens >= np.uint64(self._async_min)
+            if is_async.all():
+                flags = SQE_ASYNC
+            elif is_async.any():
+                flags = np.where(is_async, SQE_ASYNC, 0).astype(np.uint8)
+        req = _Request(op, fds, offs, addrs, lens, desc, files, flags)
+        req.path = self._engine.path
+        return req
+
+    @staticmethod
+    def _check_direct(
+        op: XferOp,
+        direct: npt.NDArray[np.bool_],
+        offs: U64,
+        addrs: U64,
+        lens: U64,
+        fds: int | npt.NDArray[np.int32],
+        files: dict[int, _File],
+    ) -> None:
+        a = np.uint64(_DIRECT_ALIGN - 1)
+        bad = direct & (((offs | addrs | lens) & a) != 0)
+        if bad.any():
+            i = int(np.argmax(bad))
+            fd = int(fds) if np.ndim(fds) == 0 else int(fds[i])  # type: ignore[index]
+            raise InvalidDescriptorError(
+                f"misaligned O_DIRECT {'read' if op is XferOp.READ else 'write'}: descriptor {i} "
+                f"({files[fd].path} at offset {int(offs[i])}, length {int(lens[i])}, buffer "
+                f"0x{int(addrs[i]):x}); offsets, lengths and buffer addresses must be multiples "
+                f"of {_DIRECT_ALIGN}",
+                index=i,
+            )
+
+    def post(self, req: BackendRequest, notif: bytes | None) -> XferStatus:
+        assert isinstance(req, _Request)
+        if notif is not None:
+            raise NotSupportedError("POSIX delivers no notifications (it has no peers)")
+        req.reset()
+        if req.n == 0:
+            req.status = XferStatus.DONE
+            return req.status
+        self._engine.start(req)
+        return req.status
+
+    def poll(self, req: BackendRequest) -> XferStatus:
+        assert isinstance(req, _Request)
+        st = req.status
+        if st is XferStatus.IN_PROGRESS:
+            time.sleep(
+                0
+            )  # hand the GIL to the completion thread: a polling loop must not starve it
+        return st
+
+    def release(self, req: BackendRequest) -> None:
+        assert isinstance(req, _Request)
+        self._engine.cancel(req, timeout=10.0)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._engine.close()

@@ -1,0 +1,300 @@
+"""POSIX backend: DRAM <-> FILE through both engines, path and fd registration, failures."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from nixl_posix._uring import uring_unavailable_reason
+from nixl_posix.backend import FileIOError, PosixBackend, parse_path_meta
+
+from nixl_core import Agent, DescList, XferStatus, list_backends
+from nixl_core.errors import (
+    InvalidDescriptorError,
+    NotSupportedError,
+    RegistrationError,
+)
+
+ENGINES = ["uring", "threads"]
+
+
+@pytest.fixture(params=ENGINES)
+def agent(request: pytest.FixtureRequest) -> Iterator[Agent]:
+    if request.param == "uring" and (why := uring_unavailable_reason()) is not None:
+        pytest.skip(f"io_uring unavailable here: {why}")
+    a = Agent(
+        f"posix-{request.param}",
+        backends=["POSIX"],
+        backend_params={"POSIX": {"engine": request.param}},
+    )
+    yield a
+    a.close()
+
+
+def _file_descs(offsets: np.ndarray, blk: int, dev: int) -> DescList:
+    n = offsets.size
+    return DescList.from_array(
+        np.stack(
+            [offsets.astype(np.uint64), np.full(n, blk, np.uint64), np.full(n, dev, np.uint64)],
+            axis=1,
+        ),
+        "FILE",
+    )
+
+
+def _run(agent: Agent, op: str, mem: DescList, files: DescList) -> XferStatus:
+    with agent.create(op, mem, files, agent.name) as req:
+        req.post()
+        return req.wait(30)
+
+
+def _pattern(nbytes: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, nbytes, dtype=np.uint8)
+
+
+def test_listed_with_its_engine() -> None:
+    info = {b.name: b for b in list_backends()}["POSIX"]
+    assert info.available and set(info.mem_types) == {"DRAM", "FILE"} and info.plugin == "posix"
+    assert parse_path_meta(b"rw,direct:/x") == (frozenset({"rw", "direct"}), "/x")
+    assert parse_path_meta(b"/just/a/path") is None
+    assert parse_path_meta(b"ro,rw:/x") is None
+
+
+def test_scattered_write_then_read_path_mode(agent: Agent, tmp_path: Path) -> None:
+    """4096 blocks written at permuted offsets land there; reading them back restores the buffer."""
+    n, blk = 4096, 4096
+    src, back = _pattern(n * blk), np.zeros(n * blk, np.uint8)
+    agent.register(src)
+    agent.register(back)
+    path = tmp_path / "kv.bin"
+    agent.register([(0, 0, 11, f"rw,create:{path}")], "FILE")
+    perm = np.random.default_rng(3).permutation(n)
+    files = _file_descs(perm * blk, blk, 11)
+    assert (
+        _run(agent, "WRITE", DescList.strided("DRAM", src.ctypes.data, blk, n, blk), files)
+        is XferStatus.DONE
+    )
+    on_disk = np.fromfile(path, np.uint8).reshape(n, blk)
+    np.testing.assert_array_equal(on_disk[perm], src.reshape(n, blk))
+    assert (
+        _run(agent, "READ", DescList.strided("DRAM", back.ctypes.data, blk, n, blk), files)
+        is XferStatus.DONE
+    )
+    np.testing.assert_array_equal(back, src)
+
+
+def test_fd_mode_large_descriptor_split_and_telemetry(agent: Agent, tmp_path: Path) -> None:
+    """One 40 MiB descriptor (split into 8 MiB I/Os) through a caller-owned fd."""
+    nbytes = 40 << 20
+    src = _pattern(nbytes, 5)
+    agent.register(src)
+    fd = os.open(tmp_path / "big.bin", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        agent.register([(0, 0, fd)], "FILE")
+        with agent.create(
+            "WRITE",
+            DescList.from_tuples([(src.ctypes.data, nbytes, 0)], "DRAM"),
+            DescList.from_tuples([(4096, nbytes, fd)], "FILE"),
+            agent.name,
+        ) as req:
+            req.post()
+            assert req.wait(30) is XferStatus.DONE
+            t = req.telemetry
+            assert t.total_bytes == nbytes and t.backend == "POSIX" and t.path.startswith("posix:")
+        got = np.fromfile(tmp_path / "big.bin", np.uint8)
+        assert got.size == nbytes + 4096 and not got[:4096].any()
+        np.testing.assert_array_equal(got[4096:], src)
+    finally:
+        os.close(fd)
+
+
+def test_offsets_beyond_4gib_in_a_sparse_file(agent: Agent, tmp_path: Path) -> None:
+    path = tmp_path / "sparse.bin"
+    agent.register([(0, 0, 3, f"rw,create:{path}")], "FILE")
+    src, back = _pattern(3 * 4096, 9), np.zeros(3 * 4096, np.uint8)
+    agent.register(src)
+    agent.register(back)
+    offs = np.array([(5 << 30) + 12345, (4 << 30) - 2048, 6 << 30], np.uint64)
+    files = _file_descs(offs, 4096, 3)
+    assert (
+        _run(agent, "WRITE", DescList.strided("DRAM", src.ctypes.data, 4096, 3, 4096), files)
+        is XferStatus.DONE
+    )
+    assert os.stat(path).st_size == (6 << 30) + 4096
+    assert (
+        _run(agent, "READ", DescList.strided("DRAM", back.ctypes.data, 4096, 3, 4096), files)
+        is XferStatus.DONE
+    )
+    np.testing.assert_array_equal(back, src)
+
+
+def test_short_read_at_eof_names_file_and_offset(agent: Agent, tmp_path: Path) -> None:
+    path = tmp_path / "short.bin"
+    path.write_bytes(b"x" * 6000)
+    agent.register([(0, 0, 4, f"ro:{path}")], "FILE")
+    dst = np.zeros(8192, np.uint8)
+    agent.register(dst)
+    mem = DescList.from_tuples(
+        [(dst.ctypes.data + 4096, 4096, 0), (dst.ctypes.data, 4096, 0)],
+        "DRAM",  # no merging
+    )
+    with pytest.raises(FileIOError, match=rf"short read at EOF: {path} at offset 4096") as ei:
+        _run(agent, "READ", mem, _file_descs(np.array([0, 4096]), 4096, 4))
+    assert ei.value.offset == 4096 and ei.value.index == 1 and ei.value.path == str(path)
+
+
+def test_write_to_read_only_file_is_an_error(agent: Agent, tmp_path: Path) -> None:
+    path = tmp_path / "ro.bin"
+    path.write_bytes(bytes(8192))
+    agent.register([(0, 0, 4, f"ro:{path}")], "FILE")
+    src = _pattern(4096)
+    agent.register(src)
+    with pytest.raises(FileIOError, match="not open for writing") as ei:
+        _run(
+            agent,
+            "WRITE",
+            DescList.from_tuples([(src.ctypes.data, 4096, 0)], "DRAM"),
+            _file_descs(np.array([4096]), 4096, 4),
+        )
+    assert ei.value.path == str(path) and ei.value.offset == 4096
+    assert path.read_bytes() == bytes(8192)  # nothing written anywhere
+
+
+def test_registration_errors_name_the_region(agent: Agent, tmp_path: Path) -> None:
+    with pytest.raises(RegistrationError, match=r"dev 987654 is not an open file descriptor"):
+        agent.register([(0, 0, 987654)], "FILE")
+    with pytest.raises(RegistrationError, match=r"cannot open .*missing/none.bin"):
+        agent.register([(0, 0, 1, f"ro:{tmp_path}/missing/none.bin")], "FILE")
+    if os.geteuid() != 0:
+        locked = tmp_path / "locked.bin"
+        locked.write_bytes(b"")
+        locked.chmod(0)
+        with pytest.raises(RegistrationError, match="Permission denied"):
+            agent.register([(0, 0, 2, f"rw:{locked}")], "FILE")
+
+
+def test_misaligned_o_direct_is_refused_before_any_io(agent: Agent, tmp_path: Path) -> None:
+    path = tmp_path / "direct.bin"
+    try:
+        agent.register([(0, 0, 6, f"rw,direct,create:{path}")], "FILE")
+    except RegistrationError as exc:
+        pytest.skip(f"O_DIRECT not supported on {tmp_path}: {exc}")
+    raw = np.zeros(3 * 4096, np.uint8)
+    base = (raw.ctypes.data + 4095) & ~4095
+    agent.register(raw)
+    aligned = DescList.from_tuples([(base, 4096, 0)], "DRAM")
+    assert _run(agent, "WRITE", aligned, _file_descs(np.array([8192]), 4096, 6)) is XferStatus.DONE
+    with pytest.raises(
+        InvalidDescriptorError, match=rf"misaligned O_DIRECT write: .*{path} at offset 100"
+    ):
+        agent.create("WRITE", aligned, _file_descs(np.array([100]), 4096, 6), agent.name)
+    with pytest.raises(InvalidDescriptorError, match="buffer 0x"):
+        agent.create(
+            "WRITE",
+            DescList.from_tuples([(base + 8, 4096, 0)], "DRAM"),
+            _file_descs(np.array([0]), 4096, 6),
+            agent.name,
+        )
+
+
+def test_concurrent_requests_on_one_file(agent: Agent, tmp_path: Path) -> None:
+    """Four threads write disjoint quarters of one file at once, with their own requests."""
+    n, blk = 1024, 4096
+    src = _pattern(4 * n * blk, 2)
+    agent.register(src)
+    path = tmp_path / "shared.bin"
+    agent.register([(0, 0, 8, f"rw,create:{path}")], "FILE")
+    errors: list[BaseException] = []
+
+    def worker(q: int) -> None:
+        try:
+            base = q * n * blk
+            mem = DescList.strided("DRAM", src.ctypes.data + base, blk, n, blk)
+            offs = base + np.random.default_rng(q).permutation(n) * blk
+            files = _file_descs(offs, blk, 8)
+            for _ in range(3):
+                assert _run(agent, "WRITE", mem, files) is XferStatus.DONE
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(q,)) for q in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    disk = np.fromfile(path, np.uint8).reshape(4, n, blk)
+    for q in range(4):
+        perm = np.random.default_rng(q).permutation(n)
+        np.testing.assert_array_equal(disk[q][perm], src.reshape(4, n, blk)[q])
+
+
+def test_release_while_running_and_repost(agent: Agent, tmp_path: Path) -> None:
+    """release() of a running request returns once its I/O stopped; a request is reposted."""
+    n, blk = 8192, 4096
+    src = _pattern(n * blk, 4)
+    agent.register(src)
+    agent.register([(0, 0, 9, f"rw,create:{tmp_path / 'rel.bin'}")], "FILE")
+    mem = DescList.strided("DRAM", src.ctypes.data, blk, n, blk)
+    files = _file_descs(np.random.default_rng(0).permutation(n) * blk, blk, 9)
+    req = agent.create("WRITE", mem, files, agent.name)
+    req.post()
+    req.release()  # aborts or finds it done; must not hang or leave I/O running
+    req2 = agent.create("WRITE", mem, files, agent.name)
+    for _ in range(2):
+        req2.post()
+        assert req2.wait(30) is XferStatus.DONE
+    req2.release()
+
+
+def test_only_loopback_dram_to_file(agent: Agent, tmp_path: Path) -> None:
+    a, b = np.zeros(4096, np.uint8), np.zeros(4096, np.uint8)
+    agent.register(a)
+    agent.register(b)
+    with pytest.raises(NotSupportedError, match=r"DRAM \(local\) <-> FILE"):
+        agent.create(
+            "WRITE",
+            DescList.from_tuples([(a.ctypes.data, 4096, 0)], "DRAM"),
+            DescList.from_tuples([(b.ctypes.data, 4096, 0)], "DRAM"),
+            agent.name,
+        )
+
+
+def test_query_mem(agent: Agent, tmp_path: Path) -> None:
+    there = tmp_path / "q.bin"
+    there.write_bytes(b"abc")
+    got = agent.query_mem(
+        [(0, 0, 0, str(there)), (0, 0, 0, f"ro:{tmp_path}/nope")], "POSIX", "FILE"
+    )
+    assert got[0] is not None and got[0]["size"] == 3 and got[1] is None
+
+
+def test_bad_params() -> None:
+    from nixl_core.errors import InvalidParamError
+
+    with pytest.raises(InvalidParamError, match="engine 'fast'"):
+        PosixBackend("x", {"engine": "fast"})
+    with pytest.raises(InvalidParamError, match="max_io_size"):
+        PosixBackend("x", {"max_io_size": 10})
+
+
+def test_many_small_descriptors_from_prepped_lists(agent: Agent, tmp_path: Path) -> None:
+    """65536 descriptors of 512 B, prepared once and made with index arrays."""
+    n, blk = 65536, 512
+    src, back = _pattern(n * blk, 6), np.zeros(n * blk, np.uint8)
+    agent.register(src)
+    agent.register(back)
+    agent.register([(0, 0, 12, f"rw,create:{tmp_path / 'small.bin'}")], "FILE")
+    lp = agent.prep("", DescList.strided("DRAM", src.ctypes.data, blk, n, blk))
+    bp = agent.prep("", DescList.strided("DRAM", back.ctypes.data, blk, n, blk))
+    fp = agent.prep(agent.name, _file_descs(np.arange(n) * blk, blk, 12))
+    perm = np.random.default_rng(8).permutation(n)
+    for op, mine in (("WRITE", lp), ("READ", bp)):
+        with agent.make(op, mine, perm, fp, np.arange(n), merge=False) as req:
+            req.post()
+            assert req.wait(30) is XferStatus.DONE
+    np.testing.assert_array_equal(back.reshape(n, blk)[perm], src.reshape(n, blk)[perm])
