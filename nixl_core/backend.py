@@ -262,6 +262,14 @@ class Backend(abc.ABC):
     def poll(self, req: BackendRequest) -> XferStatus:
         """Progress and report the request's state; ERROR sets req.error."""
 
+    def block(self, req: BackendRequest, timeout: float) -> None:  # noqa: B027
+        """Optionally wait (up to ``timeout`` s) for the request to leave IN_PROGRESS.
+
+        Called by :meth:`XferRequest.wait` between polls. The default returns at once (the
+        caller polls again); a backend whose completions arrive on its own thread blocks on
+        them here, so that waiting does not spin a CPU the transfer needs.
+        """
+
     @abc.abstractmethod
     def release(self, req: BackendRequest) -> None:
         """Free the request, aborting it if still running. Must not block for long.

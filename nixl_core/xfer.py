@@ -326,12 +326,16 @@ class XferRequest:
             raise NotPostedError(f"{self!r} was never posted")
         deadline = None if timeout is None else time.monotonic() + timeout
         while (st := self.check()) is XferStatus.IN_PROGRESS:
-            if deadline is not None and time.monotonic() > deadline:
+            now = time.monotonic()
+            if deadline is not None and now > deadline:
                 raise TransferTimeoutError(
                     f"{self!r} not done after {timeout} s", backend=self.backend_name, request=self
                 )
             if poll_interval:
                 time.sleep(poll_interval)
+            else:  # let a backend with completion threads block instead of spinning
+                left = 0.05 if deadline is None else min(0.05, max(0.0, deadline - now))
+                self.backend.block(self._live(), left)
         return st
 
     def _settle(self, st: XferStatus, breq: BackendRequest) -> XferStatus:

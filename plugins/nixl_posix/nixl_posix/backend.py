@@ -302,6 +302,10 @@ class _UringEngine:
                 self._pump()
                 self._cond.notify_all()
 
+    def block(self, req: _Request, timeout: float) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: req.status is not XferStatus.IN_PROGRESS, timeout)
+
     def cancel(self, req: _Request, timeout: float) -> None:
         with self._cond:
             if req.status is not XferStatus.IN_PROGRESS:
@@ -397,6 +401,10 @@ class _ThreadEngine:
                     req.canceled = True
                 req.finish(self._backend)
             self._done.notify_all()
+
+    def block(self, req: _Request, timeout: float) -> None:
+        with self._done:
+            self._done.wait_for(lambda: req.status is not XferStatus.IN_PROGRESS, timeout)
 
     def cancel(self, req: _Request, timeout: float) -> None:
         with self._done:
@@ -637,6 +645,10 @@ class PosixBackend(Backend):
                 0
             )  # hand the GIL to the completion thread: a polling loop must not starve it
         return st
+
+    def block(self, req: BackendRequest, timeout: float) -> None:
+        assert isinstance(req, _Request)
+        self._engine.block(req, timeout)
 
     def release(self, req: BackendRequest) -> None:
         assert isinstance(req, _Request)
