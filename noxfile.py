@@ -64,7 +64,13 @@ def together(session: nox.Session) -> None:
 
 @nox.session(default=False)
 def bench(session: nox.Session) -> None:
-    """The core descriptor benchmark, side by side with the real NIXL when installable."""
-    session.install(".")
-    session.install("--no-deps", "nixl-cu13==1.5.1", "nixl", success_codes=[0, 1])
-    session.run("python", "bench/bench_core.py", *session.posargs)
+    """nixl-bench, then the descriptor-path benchmark; both side by side with the real NIXL.
+
+    Arguments go to nixl-bench: ``nox -s bench -- --quick --plot bw.png``. NIXL is pinned to
+    1.5.1 (the 1.5.2 meta package wants nixl-cu13 1.5.2); if it cannot be installed, both
+    benchmarks say so and run without the comparison.
+    """
+    session.install(".[plot]")
+    session.install("--no-deps", "nixl-cu13==1.5.1", "nixl==1.5.1", success_codes=[0, 1])
+    session.run("nixl-bench", *session.posargs)
+    session.run("python", "bench/bench_core.py")

@@ -1,0 +1,293 @@
+"""Results: nixlbench's statistics, the table, the JSON file, the plot, the progress bar.
+
+Definitions follow nixlbench (../shared/reference/nixl_api.md §7.1): bytes = block x batch x
+iterations; ``B/W (GB/Sec)`` = bytes / 1e9 / total seconds of the timed loop (decimal GB);
+``Avg Lat. (us)`` = total µs / (iterations x batch), i.e. per block; ``Prep`` = building the
+request; ``Post`` = the post call; ``Tx`` = post's return to completion observed; P99 over the
+samples (nearest rank). ``Ratio`` = ours / NIXL bandwidth (> 1: nixl-py is faster).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+import attrs
+
+from nixl_core.bench.engines import RowTimes
+from nixl_core.bench.workload import fmt_size
+
+__all__ = ["COLUMNS", "Progress", "Row", "Stats", "render_table", "stats_of", "write_json"]
+
+
+@attrs.frozen
+class Stats:
+    """nixlbench's metrics of one row of one implementation."""
+
+    gbps: float
+    avg_lat_us: float
+    avg_prep_us: float
+    p99_prep_us: float
+    avg_post_us: float
+    p99_post_us: float
+    avg_tx_us: float
+    p99_tx_us: float
+    ms_per_iter: float
+    iters: int
+    path: str
+    desc_count: int | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready values (rounded to what the timers resolve)."""
+        d = attrs.asdict(self)
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in d.items()}
+
+
+def p99(values: Sequence[float]) -> float:
+    """Nearest-rank 99th percentile (the value itself for fewer than 100 samples' tail)."""
+    if not values:
+        return 0.0
+    s = sorted(values)
+    return float(s[max(0, math.ceil(0.99 * len(s)) - 1)])
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(sum(values) / len(values)) if values else 0.0
+
+
+def stats_of(t: RowTimes, block: int, batch: int) -> Stats:
+    """nixlbench's metrics from raw timings."""
+    iters = len(t.tx_us)
+    nbytes = block * batch * iters
+    total_us = t.total_s * 1e6
+    return Stats(
+        gbps=nbytes / 1e9 / t.total_s if t.total_s > 0 else 0.0,
+        avg_lat_us=total_us / (iters * batch) if iters else 0.0,
+        avg_prep_us=_mean(t.prep_us),
+        p99_prep_us=p99(t.prep_us),
+        avg_post_us=_mean(t.post_us),
+        p99_post_us=p99(t.post_us),
+        avg_tx_us=_mean(t.tx_us),
+        p99_tx_us=p99(t.tx_us),
+        ms_per_iter=total_us / 1e3 / iters if iters else 0.0,
+        iters=iters,
+        path=t.path,
+        desc_count=t.desc_count,
+    )
+
+
+@attrs.define
+class Row:
+    """One line of the report: a workload point and both implementations' stats."""
+
+    op: str
+    block: int
+    batch: int
+    ours: Stats | None
+    nixl: Stats | None
+
+    @property
+    def ratio(self) -> float | None:
+        """ours / NIXL bandwidth."""
+        if self.ours is None or self.nixl is None or self.nixl.gbps <= 0:
+            return None
+        return self.ours.gbps / self.nixl.gbps
+
+
+#: (header, width) of the table's columns; nixlbench's names first.
+COLUMNS: list[tuple[str, int]] = [
+    ("Block Size (B)", 14),
+    ("Batch Size", 10),
+    ("B/W (GB/Sec)", 12),
+    ("Avg Lat. (us)", 13),
+    ("Avg Prep (us)", 13),
+    ("P99 Prep (us)", 13),
+    ("Avg Post (us)", 13),
+    ("P99 Post (us)", 13),
+    ("Avg Tx (us)", 11),
+    ("P99 Tx (us)", 11),
+    ("Path", 14),
+    ("NIXL B/W (GB/Sec)", 17),
+    ("Ratio", 6),
+]
+KV_COLUMNS: list[tuple[str, int]] = [("ms/req", 9), ("NIXL ms/req", 11)]
+
+
+def _num(v: float | None, digits: int = 2) -> str:
+    if v is None:
+        return "-"
+    if v >= 1e5:
+        return f"{v:.0f}"
+    return f"{v:.{digits}f}"
+
+
+def render_table(rows: Sequence[Row], kv: bool, compared: bool) -> str:
+    """The table of one op (rows in sweep order)."""
+    cols = list(COLUMNS) + (KV_COLUMNS if kv else [])
+    if not compared:
+        cols = [c for c in cols if c[0] not in ("NIXL B/W (GB/Sec)", "Ratio", "NIXL ms/req")]
+    head = "  ".join(f"{h:>{w}}" if h != "Path" else f"{h:<{w}}" for h, w in cols).rstrip()
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        o, n = r.ours, r.nixl
+        vals: dict[str, str] = {
+            "Block Size (B)": str(r.block),
+            "Batch Size": str(r.batch),
+            "B/W (GB/Sec)": _num(o.gbps if o else None, 3),
+            "Avg Lat. (us)": _num(o.avg_lat_us if o else None),
+            "Avg Prep (us)": _num(o.avg_prep_us if o else None, 1),
+            "P99 Prep (us)": _num(o.p99_prep_us if o else None, 1),
+            "Avg Post (us)": _num(o.avg_post_us if o else None, 1),
+            "P99 Post (us)": _num(o.p99_post_us if o else None, 1),
+            "Avg Tx (us)": _num(o.avg_tx_us if o else None, 1),
+            "P99 Tx (us)": _num(o.p99_tx_us if o else None, 1),
+            "Path": o.path if o else "-",
+            "NIXL B/W (GB/Sec)": _num(n.gbps if n else None, 3),
+            "Ratio": _num(r.ratio, 2),
+            "ms/req": _num(o.ms_per_iter if o else None, 2),
+            "NIXL ms/req": _num(n.ms_per_iter if n else None, 2),
+        }
+        lines.append(
+            "  ".join(
+                f"{vals[h]:>{w}}" if h != "Path" else f"{vals[h]:<{w}}" for h, w in cols
+            ).rstrip()
+        )
+    return "\n".join(lines)
+
+
+def json_rows(rows: Sequence[Row], common: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows in the issue's schema (plus per-implementation details)."""
+    out = []
+    for r in rows:
+        o, n = r.ours, r.nixl
+        d: dict[str, Any] = dict(common)
+        d.update(
+            {
+                "path": o.path if o else None,
+                "op": r.op,
+                "block_size": r.block,
+                "batch_size": r.batch,
+                "gbps": _round(o.gbps if o else None),
+                "avg_lat_us": _round(o.avg_lat_us if o else None),
+                "avg_prep_us": _round(o.avg_prep_us if o else None),
+                "p99_prep_us": _round(o.p99_prep_us if o else None),
+                "avg_post_us": _round(o.avg_post_us if o else None),
+                "p99_post_us": _round(o.p99_post_us if o else None),
+                "avg_tx_us": _round(o.avg_tx_us if o else None),
+                "p99_tx_us": _round(o.p99_tx_us if o else None),
+                "nixl_gbps": _round(n.gbps if n else None),
+                "ratio": _round(r.ratio),
+                "iters": o.iters if o else None,
+                "ms_per_iter": _round(o.ms_per_iter if o else None),
+                "desc_count": o.desc_count if o else None,
+                "nixl": n.as_dict() if n else None,
+            }
+        )
+        out.append(d)
+    return out
+
+
+def _round(v: float | None) -> float | None:
+    return None if v is None else round(v, 4)
+
+
+def write_json(path: str, meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    """Write ``{"meta": ..., "rows": [...]}``."""
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=2)
+        f.write("\n")
+
+
+def plot_available() -> str | None:
+    """None when matplotlib can be imported, else the install hint."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        return "--plot needs matplotlib: pip install 'nixl-core[plot]'"
+    return None
+
+
+def write_plot(path: str, rows: Sequence[Row], title: str, kv: bool) -> None:
+    """Bandwidth vs block size (log-2 x axis), ours solid and NIXL dashed, one line per op."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    ops = list(dict.fromkeys(r.op for r in rows))
+    colors = {"WRITE": "tab:blue", "READ": "tab:orange"}
+    for op in ops:
+        mine = [r for r in rows if r.op == op]
+        color = colors.get(op, "tab:gray")
+        for impl, style in (("nixl-py", "-"), ("NIXL", "--")):
+            pts = [
+                (r.block, s.gbps)
+                for r in mine
+                if (s := (r.ours if impl == "nixl-py" else r.nixl)) is not None
+            ]
+            if pts:
+                xs, ys = zip(*pts, strict=True)
+                ax.plot(xs, ys, style, marker="o", color=color, label=f"{impl} {op}")
+    ax.set_xscale("log", base=2)
+    blocks = sorted({r.block for r in rows})
+    ax.set_xticks(blocks)
+    ax.set_xticklabels([fmt_size(b).replace(" ", "") for b in blocks], rotation=45)
+    ax.set_xlabel("descriptor size (one KV block of one region)" if kv else "block size")
+    ax.set_ylabel("B/W (GB/s, decimal)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+class Progress:
+    """A one-line progress bar on stderr: only on a terminal, and only once a sweep has run for
+    ``delay`` seconds (short runs and captured output stay quiet)."""
+
+    def __init__(self, total: int, mode: str = "auto", stream: TextIO | None = None) -> None:
+        self.total = max(total, 1)
+        self.done = 0
+        self.stream = stream if stream is not None else sys.stderr
+        tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.enabled = mode == "on" or (mode == "auto" and tty)
+        self.delay = 0.0 if mode == "on" else 2.0
+        self.t0 = time.monotonic()
+        self.shown = False
+
+    def step(self, label: str) -> None:
+        """Called as each row starts."""
+        self._draw(label)
+        self.done += 1
+
+    def _draw(self, label: str) -> None:
+        if not self.enabled:
+            return
+        elapsed = time.monotonic() - self.t0
+        if elapsed < self.delay:
+            return
+        width = 28
+        filled = int(width * self.done / self.total)
+        eta = ""
+        if self.done:
+            eta = f" ETA {elapsed / self.done * (self.total - self.done):4.0f}s"
+        line = (
+            f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
+            f"{elapsed:4.0f}s{eta}  {label}"
+        )
+        self.stream.write(line[:120].ljust(120))
+        self.stream.flush()
+        self.shown = True
+
+    def finish(self) -> None:
+        """Erase the bar."""
+        if self.shown:
+            self.stream.write("\r" + " " * 121 + "\r")
+            self.stream.flush()
+            self.shown = False
