@@ -1,0 +1,11 @@
+"""nixl-ucx: the UCX backend of nixl-py (one-sided RMA over libucp through a cffi extension).
+
+Importing this package loads nothing native: libucp is loaded by the backend's ``probe()`` or
+constructor (see :mod:`nixl_ucx._native`).
+"""
+
+from __future__ import annotations
+
+from nixl_ucx._version import __version__
+
+__all__ = ["__version__"]
