@@ -17,6 +17,7 @@ from typing import Any
 
 import attrs
 
+from nixl_core._childproc import stop_process
 from nixl_core.bench.engines import RowTimes
 from nixl_core.bench.worker import ChildConfig, RowPlan, child_main
 
@@ -103,12 +104,7 @@ class Child:
     def kill(self) -> None:
         """Stop the process now."""
         self._dead = True
-        if self._proc.is_alive():
-            self._proc.terminate()
-            self._proc.join(5.0)
-        if self._proc.is_alive():
-            self._proc.kill()
-            self._proc.join(5.0)
+        stop_process(self._proc)
 
     def close(self) -> None:
         """Ask the child to exit; kill it if it does not."""

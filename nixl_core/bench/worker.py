@@ -19,12 +19,12 @@ from __future__ import annotations
 import os
 import sys
 import time
-import traceback
 from collections import Counter
 from typing import Any
 
 import attrs
 
+from nixl_core._childproc import answer_one, error_reply
 from nixl_core.bench.engines import Engine, RowSpec, make_engine, run_row
 from nixl_core.bench.workload import (
     SideLayout,
@@ -181,10 +181,6 @@ class _Child:
         self.engine.close()
 
 
-def _err(exc: BaseException) -> tuple[str, str, str, str]:
-    return ("err", type(exc).__name__, str(exc), traceback.format_exc())
-
-
 def child_main(conn: Any, cfg: ChildConfig) -> None:
     """Entry point of an initiator or target process (never returns: ``os._exit``)."""
     try:
@@ -202,7 +198,7 @@ def _serve(conn: Any, cfg: ChildConfig) -> None:
         conn.send(("ok", child.info()))
     except BaseException as exc:
         try:
-            conn.send(_err(exc))
+            conn.send(error_reply(exc))
         finally:
             conn.close()
         return
@@ -216,20 +212,7 @@ def _serve(conn: Any, cfg: ChildConfig) -> None:
                 if cfg.role == "target":
                     child.drain()
                 continue
-            try:
-                op, args = conn.recv()
-            except (EOFError, OSError):
-                break  # the coordinator is gone
-            if op == "exit":
-                conn.send(("ok", None))
-                break
-            try:
-                reply: tuple[Any, ...] = ("ok", getattr(child, "cmd_" + op)(*args))
-            except Exception as exc:
-                reply = _err(exc)
-            try:
-                conn.send(reply)
-            except (BrokenPipeError, OSError):
+            if not answer_one(conn, child):
                 break
     finally:
         try:

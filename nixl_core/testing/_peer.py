@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import time
-import traceback
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -31,6 +30,8 @@ from typing import Any
 import attrs
 import numpy as np
 import numpy.typing as npt
+
+from nixl_core._childproc import answer_one, error_reply, stop_process
 
 # Seeds of the byte patterns the tests write; distinct so a wrong copy cannot look right.
 SRC_SEED, PEER_SEED, OTHER_SEED = 101, 202, 303
@@ -231,10 +232,6 @@ class _Child:
         self.pending.clear()
 
 
-def _error_reply(exc: BaseException) -> tuple[str, str, str, str]:
-    return ("err", type(exc).__name__, str(exc), traceback.format_exc())
-
-
 def peer_main(
     conn: Any, name: str, backend: str, params: Mapping[str, Any], idle_timeout: float
 ) -> None:
@@ -247,26 +244,13 @@ def peer_main(
     try:
         child = _Child(name, backend, params)
     except BaseException as exc:
-        conn.send(_error_reply(exc))
+        conn.send(error_reply(exc))
         conn.close()
         return
     try:
         conn.send(("ok", name))
         while conn.poll(idle_timeout):
-            try:
-                op, args = conn.recv()
-            except (EOFError, OSError):
-                break  # the parent closed the pipe or died
-            if op == "exit":
-                conn.send(("ok", None))
-                break
-            try:
-                reply: tuple[Any, ...] = ("ok", getattr(child, "cmd_" + op)(*args))
-            except Exception as exc:
-                reply = _error_reply(exc)
-            try:
-                conn.send(reply)
-            except (BrokenPipeError, OSError):
+            if not answer_one(conn, child):
                 break
     finally:
         child.close()
@@ -400,12 +384,7 @@ class PeerProcess:
     def kill(self) -> None:
         """Stop the child now (terminate, then kill), bounded in time."""
         self._broken = True
-        if self._proc.is_alive():
-            self._proc.terminate()
-            self._proc.join(5.0)
-        if self._proc.is_alive():
-            self._proc.kill()
-            self._proc.join(5.0)
+        stop_process(self._proc)
 
     def close(self, timeout: float = 10.0) -> None:
         """Ask the child to exit; kill it if it does not within ``timeout`` seconds."""
