@@ -1,0 +1,253 @@
+"""The CUDA side of NVLINK: the copy kernel's source and thin wrappers over cupy and the driver.
+
+Nothing here is imported by the entry point; :mod:`nixl_nvlink.backend` imports this module in
+``probe()`` and its constructor. cupy provides the runtime (IPC handles, pinned host memory,
+streams, events, NVRTC kernels); cuda-bindings provides the two driver queries cupy lacks (the
+allocation that contains a pointer, and whether that allocation can be exported as a legacy
+CUDA IPC handle).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+__all__ = ["COPY_KERNEL", "Cuda", "load"]
+
+#: One warp copies one descriptor (the host splits descriptors into chunks of at most
+#: ``chunk_bytes``), so a transfer of 65536 4 KiB blocks and one of 32 16 MiB blocks both fill
+#: the GPU with one launch. Each lane keeps four 16-byte loads in flight before it stores, which
+#: covers the latency of reads over NVLink (READ pulls). Pairs whose addresses agree modulo 16
+#: use 16-byte accesses after a byte head; modulo 4, 4-byte ones; anything else copies bytes.
+COPY_KERNEL = r"""
+typedef unsigned long long u64;
+struct alignas(16) v16 { u64 a, b; };
+
+__device__ __forceinline__ void copy_bytes(unsigned char* d, const unsigned char* s, u64 n,
+                                           int lane) {
+    for (u64 k = lane; k < n; k += 32) d[k] = s[k];
+}
+
+template <typename T, int U>
+__device__ __forceinline__ void copy_vec(T* d, const T* s, u64 n, int lane) {
+    u64 k = lane;
+    for (; k + 32 * (U - 1) < n; k += 32 * U) {
+        T r[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) r[u] = s[k + 32 * u];
+#pragma unroll
+        for (int u = 0; u < U; ++u) d[k + 32 * u] = r[u];
+    }
+    for (; k < n; k += 32) d[k] = s[k];
+}
+
+template <typename T, int U>
+__device__ __forceinline__ void copy_aligned(u64 s, u64 d, u64 n, int lane) {
+    const u64 a = sizeof(T);
+    u64 head = (a - (s & (a - 1))) & (a - 1);
+    if (head > n) head = n;
+    copy_bytes((unsigned char*)d, (const unsigned char*)s, head, lane);
+    s += head;
+    d += head;
+    n -= head;
+    const u64 nv = n / a;
+    copy_vec<T, U>((T*)d, (const T*)s, nv, lane);
+    const u64 done = nv * a;
+    copy_bytes((unsigned char*)(d + done), (const unsigned char*)(s + done), n - done, lane);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+nvl_copy(const u64* __restrict__ src, const u64* __restrict__ dst, const u64* __restrict__ len,
+         long long n) {
+    const int lane = threadIdx.x & 31;
+    const long long step = ((long long)gridDim.x * blockDim.x) >> 5;
+    for (long long w = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5; w < n; w += step) {
+        const u64 s = src[w], d = dst[w], m = len[w];
+        if (((s ^ d) & 15) == 0) {
+            copy_aligned<v16, 4>(s, d, m, lane);
+        } else if (((s ^ d) & 3) == 0) {
+            copy_aligned<unsigned int, 8>(s, d, m, lane);
+        } else {
+            copy_bytes((unsigned char*)d, (const unsigned char*)s, m, lane);
+        }
+    }
+}
+"""
+
+#: Threads per block of the copy kernel (8 warps).
+BLOCK_THREADS = 256
+WARPS_PER_BLOCK = BLOCK_THREADS // 32
+#: Blocks per multiprocessor the grid is sized for (more only queue; fewer leave SMs idle).
+BLOCKS_PER_SM = 8
+
+_CUDA_HOST_REGISTER_PORTABLE = 1
+_CUDA_HOST_REGISTER_MAPPED = 2
+_ERR_HOST_ALREADY_REGISTERED = 712
+_ERR_PEER_ALREADY_ENABLED = 704
+
+
+class CudaCallError(RuntimeError):
+    """A CUDA call failed; ``code`` is its status and ``name`` the status's name."""
+
+    def __init__(self, what: str, code: int, name: str) -> None:
+        super().__init__(f"{what} failed: {name} ({code})")
+        self.code = code
+        self.name = name
+
+
+class Cuda:
+    """cupy and the driver bindings, imported once; small typed helpers over them."""
+
+    def __init__(self) -> None:
+        import cupy
+
+        try:
+            from cuda.bindings import driver
+        except ImportError:  # cuda-python before 12.6 named the module cuda.cuda
+            from cuda import cuda as driver  # type: ignore[no-redef]
+
+        self.cupy: Any = cupy
+        self.rt: Any = cupy.cuda.runtime
+        self.drv: Any = driver
+        self._kernel: Any = None
+        self._sm_count: dict[int, int] = {}
+        self._uuids: dict[int, bytes] | None = None
+
+    # ------------------------------------------------------------------ errors
+    def runtime_error(self, exc: BaseException) -> tuple[int, str]:
+        """(status, name) of a cupy CUDARuntimeError (or (-1, text) for anything else)."""
+        code = int(getattr(exc, "status", -1))
+        return code, str(exc)
+
+    def _drv_call(self, what: str, fn: Any, *args: Any) -> tuple[Any, ...]:
+        res = fn(*args)
+        err = res[0] if isinstance(res, tuple) else res
+        code = int(err)
+        if code != 0:
+            _, name = self.drv.cuGetErrorName(err)
+            text = name.decode() if isinstance(name, bytes) else str(name)
+            raise CudaCallError(what, code, text)
+        return tuple(res[1:]) if isinstance(res, tuple) else ()
+
+    # ------------------------------------------------------------------ devices
+    def device_count(self) -> int:
+        """Visible CUDA devices."""
+        return int(self.rt.getDeviceCount())
+
+    def uuid_of(self, dev: int) -> bytes:
+        """A 16-byte identity of GPU ``dev`` that every process of the host agrees on."""
+        if self._uuids is None:
+            self._uuids = {}
+            for d in range(self.device_count()):
+                props = self.rt.getDeviceProperties(d)
+                uid = props.get("uuid", b"")
+                if not isinstance(uid, (bytes, bytearray)) or len(uid) != 16:
+                    # No uuid in this cupy: the PCI location is as unique within one host.
+                    loc = (props["pciDomainID"], props["pciBusID"], props["pciDeviceID"])
+                    uid = b"PCI:" + b"".join(int(v).to_bytes(4, "little") for v in loc)
+                self._uuids[d] = bytes(uid)
+        return self._uuids[dev]
+
+    def ordinal_of(self, uuid: bytes) -> int:
+        """The local ordinal of the GPU with this identity, or -1 when it is not visible here."""
+        self.uuid_of(0)
+        assert self._uuids is not None
+        for d, u in self._uuids.items():
+            if u == uuid:
+                return d
+        return -1
+
+    def sm_count(self, dev: int) -> int:
+        """Multiprocessors of GPU ``dev``."""
+        n = self._sm_count.get(dev)
+        if n is None:
+            attr = getattr(self.rt, "cudaDevAttrMultiProcessorCount", 16)
+            n = int(self.rt.deviceGetAttribute(attr, dev))
+            self._sm_count[dev] = n
+        return n
+
+    def enable_peer(self, dev: int, peer_dev: int) -> None:
+        """Let kernels on ``dev`` access memory of ``peer_dev`` (no-op when already enabled)."""
+        if dev == peer_dev:
+            return
+        with self.cupy.cuda.Device(dev):
+            try:
+                self.rt.deviceEnablePeerAccess(peer_dev)
+            except self.rt.CUDARuntimeError as exc:
+                if self.runtime_error(exc)[0] != _ERR_PEER_ALREADY_ENABLED:
+                    raise
+
+    # ------------------------------------------------------------------ memory
+    def pointer_device(self, ptr: int) -> tuple[int, int]:
+        """(memory type, device) of a pointer as the runtime sees it (type 2 = device)."""
+        attrs = self.rt.pointerGetAttributes(ptr)
+        return int(attrs.type), int(attrs.device)
+
+    def alloc_range(self, ptr: int) -> tuple[int, int]:
+        """(base, size) of the allocation containing device pointer ``ptr``."""
+        base, size = self._drv_call("cuMemGetAddressRange", self.drv.cuMemGetAddressRange, ptr)
+        return int(base), int(size)
+
+    def legacy_ipc_capable(self, ptr: int) -> bool | None:
+        """Whether cudaIpcGetMemHandle can export the allocation (None when the driver won't say)."""
+        attr = self.drv.CUpointer_attribute.CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE
+        try:
+            (value,) = self._drv_call(
+                "cuPointerGetAttribute", self.drv.cuPointerGetAttribute, attr, ptr
+            )
+        except (CudaCallError, AttributeError, TypeError):
+            return None
+        return bool(int(value))
+
+    def ipc_handle(self, base: int) -> bytes:
+        """The legacy IPC handle (64 bytes) of the allocation at ``base``."""
+        return bytes(self.rt.ipcGetMemHandle(base))
+
+    def ipc_open(self, handle: bytes) -> int:
+        """Map a peer's allocation into this process (current device; peer access enabled)."""
+        return int(self.rt.ipcOpenMemHandle(handle, self.rt.cudaIpcMemLazyEnablePeerAccess))
+
+    def ipc_close(self, ptr: int) -> None:
+        """Unmap what :meth:`ipc_open` mapped."""
+        self.rt.ipcCloseMemHandle(ptr)
+
+    def host_register(self, ptr: int, size: int) -> bool:
+        """Pin and map host memory for every device; False when it was pinned already."""
+        try:
+            self.rt.hostRegister(
+                ptr, size, _CUDA_HOST_REGISTER_PORTABLE | _CUDA_HOST_REGISTER_MAPPED
+            )
+        except self.rt.CUDARuntimeError as exc:
+            if self.runtime_error(exc)[0] == _ERR_HOST_ALREADY_REGISTERED:
+                return False
+            raise
+        return True
+
+    def host_unregister(self, ptr: int) -> None:
+        """Undo :meth:`host_register`."""
+        self.rt.hostUnregister(ptr)
+
+    def host_device_pointer(self, ptr: int) -> int:
+        """The device address of pinned, mapped host memory (equal to ``ptr`` under UVA)."""
+        (dptr,) = self._drv_call(
+            "cuMemHostGetDevicePointer", self.drv.cuMemHostGetDevicePointer, ptr, 0
+        )
+        return int(dptr)
+
+    # ------------------------------------------------------------------ kernel
+    def kernel(self) -> Any:
+        """The copy kernel, compiled by NVRTC once per process (cupy caches it on disk too)."""
+        if self._kernel is None:
+            self._kernel = self.cupy.RawKernel(COPY_KERNEL, "nvl_copy", options=("-std=c++17",))
+        return self._kernel
+
+    def grid_for(self, dev: int, chunks: int) -> int:
+        """Blocks for ``chunks`` warp-sized work items on GPU ``dev``: enough to fill it, no more."""
+        need = -(-chunks // WARPS_PER_BLOCK)
+        return max(1, min(need, self.sm_count(dev) * BLOCKS_PER_SM))
+
+
+@functools.cache
+def load() -> Cuda:
+    """The process's :class:`Cuda` (imports cupy and cuda-bindings on first call)."""
+    return Cuda()

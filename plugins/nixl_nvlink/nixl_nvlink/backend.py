@@ -1,0 +1,915 @@
+"""NVLINK: GPU memory of processes on one host, moved by one copy kernel per transfer.
+
+How it works:
+
+- **Registration.** A VRAM region's public data is the legacy CUDA IPC handle of the allocation
+  that contains it, plus the allocation's base and size and the region's offset in it (PyTorch's
+  caching allocator hands out tensors inside larger allocations). The allocation comes from the
+  driver (``cuMemGetAddressRange``). VMM allocations (``cuMemCreate``, PyTorch's
+  ``expandable_segments``) cannot be exported that way: registering one raises
+  :class:`~nixl_core.errors.NotSupportedError` naming the fix; there is no slow fallback.
+  DRAM is pinned and mapped for every GPU (``cudaHostRegister``), so the same kernel moves
+  DRAM <-> VRAM; a peer's DRAM cannot be mapped into this process and is refused with a reason.
+- **Remote load.** Each peer allocation is mapped once (``cudaIpcOpenMemHandle``) and cached;
+  a region's device address here is its address in the peer plus one offset per allocation.
+  Connection info carries the host identity (boot id and hostname): a peer on another host is
+  refused with a message that says to use UCX.
+- **Transfers.** ``prepare`` turns both sides into (source, destination, length) arrays with
+  numpy (one offset per registration, no Python loop per descriptor), splits long descriptors
+  into chunks, and uploads the table to the GPU once. ``post`` is one kernel launch on the
+  backend's stream plus one event record; ``poll`` is an event query. WRITE pushes (the kernel
+  runs on the local GPU and stores to the peer's memory), READ pulls.
+- **Notifications** go over a Unix datagram socket the backend owns, sent once the transfer's
+  event has completed (by whichever of ``poll`` or the backend's notifier thread sees it first),
+  so the data is visible before the notification arrives.
+- **Stream order and device access** (backend methods, reached through
+  ``agent.backend("NVLINK")``): :meth:`NvlinkBackend.stream_order` / :meth:`post_after` make a
+  post wait on the caller's CUDA stream, :meth:`completion_event` gives a transfer's CUDA event,
+  and :meth:`mem_view` returns a device array of mapped pointers for the caller's own kernels.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import importlib.util
+import logging
+import os
+import select
+import socket
+import struct
+import sys
+import threading
+import time
+import uuid
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import numpy.typing as npt
+
+from nixl_core.backend import Availability, Backend, BackendRequest, XferOp, XferSide, XferStatus
+from nixl_core.descriptors import as_descs
+from nixl_core.errors import (
+    InvalidDescriptorError,
+    InvalidParamError,
+    MetadataError,
+    NixlError,
+    NotSupportedError,
+    RegistrationError,
+    RemoteDisconnectError,
+    TransferError,
+    UnknownAgentError,
+)
+from nixl_core.memory import MemType
+from nixl_nvlink._wire import (
+    KIND_DEVICE,
+    KIND_HOST,
+    ConnInfo,
+    RegionBlob,
+    decode_conn,
+    decode_region,
+    encode_conn,
+    encode_region,
+)
+
+__all__ = ["NvlinkBackend"]
+
+logger = logging.getLogger(__name__)
+
+U64 = npt.NDArray[np.uint64]
+_MASK = (1 << 64) - 1
+_CUDA_MEMORY_TYPE_DEVICE = 2
+_INIT_NAMES = ("", "NIXL_INIT_AGENT")
+
+# Peer allocations mapped into this process, shared by every NVLINK agent of the process (a
+# CUDA IPC handle is opened once per process): ipc handle -> [mapped base, references].
+_MAPS: dict[bytes, list[int]] = {}
+_MAPS_LOCK = threading.Lock()
+
+VMM_HINT = (
+    "it lies in a CUDA VMM allocation (cuMemCreate; PyTorch's expandable_segments allocator "
+    "makes these), which cannot be exported as a CUDA IPC handle, so NVLINK cannot share it "
+    "with other processes. Fix: allocate it with cudaMalloc (PyTorch: set "
+    "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False before CUDA starts), or register it with "
+    "the UCX backend only (register(..., backends=['UCX']))"
+)
+
+
+def _findable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a missing parent package raises instead of answering
+        return False
+
+
+def _host_identity() -> tuple[bytes, str]:
+    try:
+        with open("/proc/sys/kernel/random/boot_id", "rb") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = b""
+    return boot, socket.gethostname()
+
+
+class _LocalReg:
+    """A region of this process. ``delta`` turns its addresses into device addresses."""
+
+    __slots__ = ("addr", "blob", "delta", "dev", "host", "length", "pinned")
+
+    def __init__(
+        self, addr: int, length: int, dev: int, host: bool, delta: int, pinned: bool, blob: bytes
+    ) -> None:
+        self.addr = addr
+        self.length = length
+        self.dev = dev  # GPU ordinal; -1 for DRAM
+        self.host = host
+        self.delta = delta
+        self.pinned = pinned  # this backend pinned it (and unpins it)
+        self.blob = blob
+
+
+class _RemoteReg:
+    """A peer's region as this process reaches it (``delta`` added to its peer address)."""
+
+    __slots__ = ("addr", "delta", "dev", "host", "key", "length", "peer")
+
+    def __init__(
+        self, peer: str, addr: int, length: int, host: bool, dev: int, delta: int, key: bytes
+    ) -> None:
+        self.peer = peer
+        self.addr = addr
+        self.length = length
+        self.host = host
+        self.dev = dev  # local ordinal of the GPU holding it; -1 for host memory
+        self.delta = delta
+        self.key = key  # IPC handle of the mapped allocation; b"" when not mapped
+
+
+_Reg = _LocalReg | _RemoteReg
+
+
+class _Request(BackendRequest):
+    __slots__ = (
+        "args",
+        "chunks",
+        "dev",
+        "event",
+        "grid",
+        "notif",
+        "op",
+        "peer",
+        "posted",
+        "table",
+        "wait_event",
+    )
+
+    def __init__(self, op: XferOp, peer: str, dev: int, path: str) -> None:
+        self.op = op
+        self.peer = peer
+        self.dev = dev
+        self.path = path
+        self.error = None
+        self.table: Any = None  # (3, chunks) uint64 on the GPU: src, dst, len
+        self.args: tuple[Any, ...] = ()
+        self.chunks = 0
+        self.grid = 1
+        self.event: Any = None
+        self.wait_event: Any = None
+        self.notif: bytes | None = None
+        self.posted = False
+
+
+def _stream_handle(stream: Any) -> int:
+    """The cudaStream_t of a cupy / torch / cuda.core stream, or of a raw handle."""
+    if isinstance(stream, int):
+        return stream
+    for attr in ("ptr", "cuda_stream", "handle"):
+        v = getattr(stream, attr, None)
+        if v is None:
+            continue
+        try:
+            return int(v)
+        except (TypeError, ValueError):
+            continue
+    raise InvalidParamError(
+        f"cannot use {type(stream).__name__} as a CUDA stream: pass a cupy or torch stream, a "
+        "cuda.core Stream or a raw cudaStream_t int"
+    )
+
+
+class NvlinkBackend(Backend):
+    """CUDA IPC between processes of one host; one copy kernel and one event per transfer.
+
+    Params:
+        chunk_bytes: descriptors longer than this are split into chunks of this size, one per
+            warp (default 16384; a multiple of 16, at least 512).
+    """
+
+    name = "NVLINK"
+    mem_types = frozenset({MemType.VRAM, MemType.DRAM})
+    supports_local = True
+    supports_remote = True
+    supports_notif = True
+    default_params: ClassVar[Mapping[str, str]] = {"chunk_bytes": "16384"}
+    install_hint = "pip install 'nixl-nvlink[cu13]'  (or [cu12])"
+
+    @classmethod
+    def probe(cls) -> Availability:
+        if not sys.platform.startswith("linux"):
+            return Availability(False, "CUDA IPC between processes needs Linux")
+        if not _findable("cupy"):
+            return Availability(
+                False, "cupy is not installed: pip install 'nixl-nvlink[cu13]' (or [cu12])"
+            )
+        if not (_findable("cuda.bindings") or _findable("cuda.cuda")):
+            return Availability(
+                False, "cuda-bindings is not installed: pip install 'nixl-nvlink[cu13]' (or [cu12])"
+            )
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                from nixl_nvlink import _cuda
+
+                cu = _cuda.load()
+                n = cu.device_count()
+        except ImportError as exc:
+            return Availability(
+                False,
+                f"cuda-bindings is not importable ({exc}): pip install 'nixl-nvlink[cu13]' "
+                "(or [cu12])",
+            )
+        except Exception as exc:  # no driver, no device: cupy raises its own error types
+            return Availability(False, f"CUDA is not usable here: {exc}")
+        if n < 1:
+            return Availability(False, "no CUDA device is visible")
+        return Availability(True)
+
+    def __init__(self, agent_name: str, params: Mapping[str, Any]) -> None:
+        super().__init__(agent_name, params)
+        try:
+            self._chunk = int(params.get("chunk_bytes", 16384))
+        except (TypeError, ValueError) as exc:
+            raise InvalidParamError(f"NVLINK chunk_bytes: {exc}") from exc
+        if self._chunk < 512 or self._chunk % 16:
+            raise InvalidParamError(
+                f"NVLINK chunk_bytes must be a multiple of 16 and >= 512, got {self._chunk}"
+            )
+        avail = self.probe()
+        if not avail:
+            raise NotSupportedError(f"NVLINK is not available: {avail.reason}")
+        from nixl_nvlink import _cuda
+
+        self._cu = _cuda.load()
+        self._cp: Any = self._cu.cupy
+        self._kernel = self._cu.kernel()
+        self._pid = os.getpid()
+        self._boot, self._host = _host_identity()
+        self._streams: dict[int, Any] = {}
+        self._peer_enabled: set[tuple[int, int]] = set()
+        self._mapped: collections.Counter[bytes] = collections.Counter()  # our references
+        self._local_regs: dict[int, _LocalReg] = {}
+        self._remote_regs: dict[str, list[_RemoteReg]] = {}
+        self._peers: dict[str, ConnInfo] = {}
+        self._tls = threading.local()
+        self._lock = threading.RLock()
+        self._closed = False
+        # Notifications: an abstract Unix datagram socket (same host, no file to clean up).
+        self._addr = b"\0nixl-nvlink-" + uuid.uuid4().hex.encode()
+        self._rx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._rx.bind(self._addr)
+        self._rx.setblocking(False)
+        self._tx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._tx.settimeout(5.0)
+        self._self_notifs: collections.deque[tuple[str, bytes]] = collections.deque()
+        self._inbox: collections.deque[tuple[str, bytes]] = collections.deque()
+        self._rx_lock = threading.Lock()
+        self._wake_r, self._wake_w = os.pipe()
+        self._rx_thread = threading.Thread(
+            target=self._receive, name=f"nixl-nvlink-rx-{agent_name}", daemon=True
+        )
+        self._rx_thread.start()
+        # Posted requests whose notification waits for their event: the notifier thread sends
+        # it when nobody polls (poll sends it first when someone does).
+        self._nlock = threading.Condition()
+        self._pending: dict[int, _Request] = {}
+        self._notifier = threading.Thread(
+            target=self._notify_loop, name=f"nixl-nvlink-notif-{agent_name}", daemon=True
+        )
+        self._notifier.start()
+
+    # ------------------------------------------------------------------ helpers
+    def _stream(self, dev: int) -> Any:
+        s = self._streams.get(dev)
+        if s is None:
+            with self._cp.cuda.Device(dev):
+                s = self._cp.cuda.Stream(non_blocking=True)
+            self._streams[dev] = s
+        return s
+
+    def _sync_all(self) -> None:
+        for s in self._streams.values():
+            with contextlib.suppress(Exception):  # a faulted context: nothing left to wait for
+                s.synchronize()
+
+    def _enable_peer(self, dev: int, other: int) -> None:
+        if dev == other or other < 0 or (dev, other) in self._peer_enabled:
+            return
+        try:
+            self._cu.enable_peer(dev, other)
+        except self._cu.rt.CUDARuntimeError as exc:
+            raise NotSupportedError(
+                f"GPU {dev} cannot access GPU {other} directly (peer access: {exc}); NVLINK needs "
+                "peer-capable GPUs (NVLink or PCIe P2P); use UCX between them"
+            ) from exc
+        self._peer_enabled.add((dev, other))
+
+    # ------------------------------------------------------------------ memory
+    def register(self, mem_type: MemType, rows: U64, metas: Sequence[bytes]) -> list[Any]:
+        out: list[_LocalReg] = []
+        try:
+            for i, (addr, length, dev) in enumerate(rows.tolist()):
+                if mem_type is MemType.VRAM:
+                    reg = self._register_vram(i, addr, length, dev)
+                else:
+                    reg = self._register_dram(i, addr, length)
+                out.append(reg)
+                self._local_regs[id(reg)] = reg
+        except BaseException:
+            self.deregister(out)
+            raise
+        return list(out)
+
+    def _register_vram(self, i: int, addr: int, length: int, dev: int) -> _LocalReg:
+        cu = self._cu
+        where = f"VRAM region {i} [addr=0x{addr:x}, len={length}, dev={dev}]"
+        if not 0 <= dev < cu.device_count():
+            raise RegistrationError(f"{where}: no CUDA device {dev} is visible", index=i)
+        with self._cp.cuda.Device(dev):
+            try:
+                kind, owner = cu.pointer_device(addr)
+            except cu.rt.CUDARuntimeError as exc:
+                raise RegistrationError(f"{where} is not CUDA memory: {exc}", index=i) from exc
+            if kind != _CUDA_MEMORY_TYPE_DEVICE:
+                raise RegistrationError(
+                    f"{where} is not device memory (cudaMemoryType {kind}; managed and host "
+                    "memory cannot be shared over CUDA IPC)",
+                    index=i,
+                )
+            if owner != dev:
+                raise RegistrationError(f"{where} lives on GPU {owner}, not GPU {dev}", index=i)
+            if cu.legacy_ipc_capable(addr) is False:
+                raise NotSupportedError(f"cannot register {where} with NVLINK: {VMM_HINT}")
+            try:
+                base, size = cu.alloc_range(addr)
+            except Exception as exc:
+                raise RegistrationError(f"{where}: cuMemGetAddressRange: {exc}", index=i) from exc
+            if addr + length > base + size:
+                raise RegistrationError(
+                    f"{where} runs past the end of its CUDA allocation [0x{base:x}, +{size}): "
+                    "register each allocation separately",
+                    index=i,
+                )
+            try:
+                handle = cu.ipc_handle(base)
+            except cu.rt.CUDARuntimeError as exc:
+                raise RegistrationError(
+                    f"{where}: cudaIpcGetMemHandle failed: {exc}", index=i
+                ) from exc
+        blob = encode_region(
+            RegionBlob(KIND_DEVICE, cu.uuid_of(dev), base, size, addr - base, handle)
+        )
+        return _LocalReg(addr, length, dev, False, 0, False, blob)
+
+    def _register_dram(self, i: int, addr: int, length: int) -> _LocalReg:
+        blob = encode_region(RegionBlob(KIND_HOST))
+        if length == 0:
+            return _LocalReg(addr, length, -1, True, 0, False, blob)
+        cu = self._cu
+        try:
+            pinned = cu.host_register(addr, length)
+            delta = cu.host_device_pointer(addr) - addr
+        except Exception as exc:
+            raise RegistrationError(
+                f"DRAM region {i} [addr=0x{addr:x}, len={length}]: cannot pin and map it for "
+                f"the GPU: {exc}",
+                index=i,
+            ) from exc
+        return _LocalReg(addr, length, -1, True, delta, pinned, blob)
+
+    def deregister(self, handles: Sequence[Any]) -> None:
+        if not handles:
+            return
+        self._sync_all()  # no kernel may still read or write what is released
+        for h in handles:
+            self._local_regs.pop(id(h), None)
+            if isinstance(h, _LocalReg) and h.pinned:
+                with contextlib.suppress(Exception):
+                    self._cu.host_unregister(h.addr)
+                h.pinned = False
+
+    def public_data(self, handle: Any) -> bytes:
+        assert isinstance(handle, _LocalReg)
+        return handle.blob
+
+    # ------------------------------------------------------------------ remote agents
+    def connection_info(self) -> bytes:
+        return encode_conn(ConnInfo(self._pid, self._boot, self._host, self._addr))
+
+    def load_remote_conn(self, peer: str, info: bytes) -> None:
+        conn = decode_conn(info)
+        if conn.boot_id != self._boot or conn.hostname != self._host:
+            raise NotSupportedError(
+                f"agent {peer!r} runs on host {conn.hostname!r}, not on this one ({self._host!r}): "
+                "NVLINK (CUDA IPC) reaches processes of the same host only; use the UCX backend "
+                "for agents on other hosts"
+            )
+        self._peers[peer] = conn
+
+    def _map(self, key: bytes, dev: int, where: str) -> int:
+        with _MAPS_LOCK:
+            entry = _MAPS.get(key)
+            if entry is None:
+                with self._cp.cuda.Device(dev):
+                    try:
+                        base = self._cu.ipc_open(key)
+                    except self._cu.rt.CUDARuntimeError as exc:
+                        raise TransferError(
+                            f"cannot map {where} (cudaIpcOpenMemHandle: {exc}); the peer must be "
+                            "a process of this host that shares its IPC and pid namespaces with "
+                            "this one",
+                            backend=self.name,
+                        ) from exc
+                entry = _MAPS[key] = [base, 0]
+            entry[1] += 1
+        self._mapped[key] += 1
+        return entry[0]
+
+    def _unmap(self, key: bytes) -> None:
+        if self._mapped[key] <= 0:
+            return
+        self._mapped[key] -= 1
+        with _MAPS_LOCK:
+            entry = _MAPS.get(key)
+            if entry is None:
+                return
+            entry[1] -= 1
+            if entry[1] <= 0:
+                del _MAPS[key]
+                with contextlib.suppress(Exception):
+                    self._cu.ipc_close(entry[0])
+
+    def load_remote(
+        self, peer: str, mem_type: MemType, rows: U64, blobs: Sequence[bytes]
+    ) -> list[Any]:
+        conn = self._peers.get(peer)
+        if conn is None:
+            raise UnknownAgentError(peer)
+        out: list[_RemoteReg] = []
+        try:
+            for i, ((addr, length, _dev), raw) in enumerate(zip(rows.tolist(), blobs, strict=True)):
+                b = decode_region(raw, i)
+                where = f"agent {peer!r}'s {mem_type.value} region {i} [addr=0x{addr:x}]"
+                if b.is_host:
+                    out.append(_RemoteReg(peer, addr, length, True, -1, 0, b""))
+                    continue
+                if mem_type is not MemType.VRAM:
+                    raise MetadataError(f"{where} carries a GPU blob for {mem_type.value} memory")
+                if b.alloc_base + b.offset != addr or b.offset + length > b.alloc_size:
+                    raise MetadataError(
+                        f"{where}: its blob places it at 0x{b.alloc_base + b.offset:x} in a "
+                        f"{b.alloc_size}-byte allocation, which does not hold it"
+                    )
+                dev = self._cu.ordinal_of(b.uuid)
+                if dev < 0:
+                    raise NotSupportedError(
+                        f"{where} is on a GPU this process cannot see (uuid {b.uuid.hex()}); "
+                        "make it visible (CUDA_VISIBLE_DEVICES) or use UCX"
+                    )
+                if conn.pid == self._pid:  # an agent of this very process: same addresses
+                    out.append(_RemoteReg(peer, addr, length, False, dev, 0, b""))
+                    continue
+                mapped = self._map(b.ipc_handle, dev, where)
+                out.append(
+                    _RemoteReg(peer, addr, length, False, dev, mapped - b.alloc_base, b.ipc_handle)
+                )
+        except BaseException:
+            for r in out:
+                if r.key:
+                    self._unmap(r.key)
+            raise
+        self._remote_regs.setdefault(peer, []).extend(out)
+        return list(out)
+
+    def unload_remote(self, peer: str, handles: Sequence[Any]) -> None:
+        if not handles:
+            return
+        self._sync_all()
+        gone = {id(h) for h in handles}
+        regs = self._remote_regs.get(peer)
+        if regs is not None:
+            self._remote_regs[peer] = [r for r in regs if id(r) not in gone]
+        for h in handles:
+            if isinstance(h, _RemoteReg) and h.key:
+                self._unmap(h.key)
+                h.key = b""
+
+    def disconnect(self, peer: str) -> None:
+        self._peers.pop(peer, None)
+        self._remote_regs.pop(peer, None)
+
+    # ------------------------------------------------------------------ transfers
+    def _pointers(self, side: XferSide, what: str) -> tuple[U64, set[int], bool]:
+        """(device addresses, GPUs holding them, whether any is host memory), vectorized."""
+        if side.single_slot >= 0:
+            inv = None
+            hs: list[_Reg] = [side.slot_handles[side.single_slot]]
+        else:
+            inv, hs = side.unique_handles()
+        for h in hs:
+            if isinstance(h, _RemoteReg) and h.host:
+                raise NotSupportedError(
+                    f"{what} descriptors lie in agent {h.peer!r}'s DRAM, which NVLINK cannot map "
+                    "into this process (CUDA IPC shares GPU memory only); use UCX or LOOPBACK "
+                    "for DRAM <-> DRAM between processes"
+                )
+        deltas = np.fromiter((h.delta & _MASK for h in hs), np.uint64, len(hs))
+        addrs = np.asarray(side.addrs, np.uint64)
+        ptrs = addrs + (deltas[0] if inv is None else deltas[inv])
+        devs = {h.dev for h in hs if h.dev >= 0}
+        return ptrs, devs, any(h.host for h in hs)
+
+    def _chunks(self, src: U64, dst: U64, lens: U64, max_len: int) -> tuple[U64, U64, U64]:
+        chunk = self._chunk
+        if max_len <= chunk:
+            return src, dst, lens
+        c = np.uint64(chunk)
+        pieces = (lens + (c - np.uint64(1))) // c
+        owner = np.repeat(np.arange(lens.size), pieces.astype(np.int64))
+        first = np.cumsum(pieces) - pieces
+        off = (np.arange(owner.size, dtype=np.uint64) - first[owner]) * c
+        return src[owner] + off, dst[owner] + off, np.minimum(lens[owner] - off, c)
+
+    def prepare(self, op: XferOp, local: XferSide, remote: XferSide, peer: str) -> BackendRequest:
+        if peer != self.agent_name and peer not in self._peers:
+            raise UnknownAgentError(peer)
+        lptr, ldevs, lhost = self._pointers(local, "local")
+        rptr, rdevs, rhost = self._pointers(remote, "remote")
+        if len(ldevs) > 1:
+            raise NotSupportedError(
+                f"the local descriptors of one NVLINK transfer must lie on one GPU; these span "
+                f"GPUs {sorted(ldevs)}: make one transfer per GPU"
+            )
+        if ldevs:
+            dev = next(iter(ldevs))
+        elif rdevs:
+            dev = min(rdevs)
+        else:
+            dev = int(self._cp.cuda.runtime.getDevice())
+        for other in rdevs:
+            self._enable_peer(dev, other)
+        if peer == self.agent_name:
+            path = "nvlink:local"
+        else:
+            path = "nvlink:ipc" if self._peers[peer].pid != self._pid else "nvlink:process"
+        if lhost or rhost:
+            path += "+host"
+        n = len(local)
+        if local.uniform_len >= 0:
+            max_len = local.uniform_len
+            lens = np.full(n, local.uniform_len, np.uint64)
+        else:
+            lens = np.ascontiguousarray(local.lengths, np.uint64)
+            max_len = int(lens.max()) if n else 0
+        src, dst = (lptr, rptr) if op is XferOp.WRITE else (rptr, lptr)
+        src, dst, lens = self._chunks(src, dst, lens, max_len)
+        m = int(lens.size)
+        req = _Request(op, peer, dev, path)
+        req.chunks = m
+        table = np.empty((3, max(m, 1)), np.uint64)
+        table[0, :m] = src
+        table[1, :m] = dst
+        table[2, :m] = lens
+        stream = self._stream(dev)
+        with self._cp.cuda.Device(dev):
+            d_table = self._cp.empty(table.shape, self._cp.uint64)
+            d_table.set(table, stream=stream)
+            stream.synchronize()
+            req.event = self._cp.cuda.Event(block=False, disable_timing=True)
+        base = int(d_table.data.ptr)
+        row = table.shape[1] * 8
+        req.table = d_table
+        req.args = (
+            np.uint64(base),
+            np.uint64(base + row),
+            np.uint64(base + 2 * row),
+            np.int64(m),
+        )
+        req.grid = self._cu.grid_for(dev, m)
+        return req
+
+    def post(self, req: BackendRequest, notif: bytes | None) -> XferStatus:
+        assert isinstance(req, _Request)
+        req.error = None
+        dev = req.dev
+        stream = self._stream(dev)
+        try:
+            with self._cp.cuda.Device(dev):
+                after = getattr(self._tls, "after", None)
+                if after is not None:
+                    if req.wait_event is None:
+                        req.wait_event = self._cp.cuda.Event(block=False, disable_timing=True)
+                    rt = self._cu.rt
+                    rt.eventRecord(req.wait_event.ptr, after)
+                    rt.streamWaitEvent(stream.ptr, req.wait_event.ptr, 0)
+                if req.chunks:
+                    with stream:
+                        self._kernel((req.grid,), (256,), req.args)
+                req.event.record(stream)
+        except self._cu.rt.CUDARuntimeError as exc:
+            req.error = TransferError(
+                f"NVLINK {req.op.value} to {req.peer!r} could not start: {exc}", backend=self.name
+            )
+            return XferStatus.ERROR
+        req.posted = True
+        if notif is not None:
+            with self._nlock:
+                req.notif = bytes(notif)
+                self._pending[id(req)] = req
+                self._nlock.notify()
+        return XferStatus.IN_PROGRESS
+
+    def _event_done(self, req: _Request) -> bool:
+        """Whether the request's kernel finished; a CUDA fault sets ``req.error`` and is True."""
+        try:
+            return bool(req.event.done)
+        except self._cu.rt.CUDARuntimeError as exc:
+            req.error = TransferError(
+                f"NVLINK {req.op.value} with {req.peer!r} failed on GPU {req.dev}: {exc}",
+                backend=self.name,
+            )
+            return True
+
+    def _flush_notif(self, req: _Request) -> None:
+        """Send the request's notification (once), now that its data is in place."""
+        with self._nlock:
+            self._pending.pop(id(req), None)
+            msg, req.notif = req.notif, None
+            if msg is None or req.error is not None:
+                return
+            try:
+                self.send_notif(req.peer, msg)
+            except NixlError as exc:
+                req.error = exc
+
+    def poll(self, req: BackendRequest) -> XferStatus:
+        assert isinstance(req, _Request)
+        if not req.posted:
+            return XferStatus.ERROR if req.error else XferStatus.PENDING
+        if not self._event_done(req):
+            return XferStatus.IN_PROGRESS
+        if req.notif is not None:
+            self._flush_notif(req)
+        return XferStatus.ERROR if req.error is not None else XferStatus.DONE
+
+    def block(self, req: BackendRequest, timeout: float) -> None:
+        assert isinstance(req, _Request)
+        if not req.posted:
+            return
+        # Spin on the event (yielding the GIL) for the first 200 us, then sleep in 50 us steps:
+        # small transfers finish in microseconds, and a poll-only API must not add a millisecond.
+        start = time.perf_counter()
+        deadline = start + timeout
+        while not self._event_done(req):
+            now = time.perf_counter()
+            if now >= deadline:
+                return
+            time.sleep(0 if now - start < 2e-4 else 5e-5)
+
+    def release(self, req: BackendRequest) -> None:
+        assert isinstance(req, _Request)
+        if req.posted and req.event is not None and not self._event_done(req):
+            # A launched kernel cannot be aborted; it ends within the transfer's duration.
+            with contextlib.suppress(Exception):
+                req.event.synchronize()
+        if req.notif is not None:
+            self._flush_notif(req)
+        req.table = None
+        req.posted = False
+
+    # ------------------------------------------------------------------ stream order, events
+    @contextlib.contextmanager
+    def stream_order(self, stream: Any) -> Iterator[None]:
+        """Posts made inside this block (on this thread) start after the work queued on ``stream``.
+
+        The copy waits on the GPU (an event recorded on ``stream``, waited on by the backend's
+        stream), so a producer kernel and the transfer need no host synchronize::
+
+            nv = agent.backend("NVLINK")
+            produce[grid, block, stream](kv)      # writes the blocks
+            with nv.stream_order(stream):
+                req.post()                        # copies once produce() is done
+
+        Args:
+            stream: a cupy, torch or cuda.core stream, or a raw cudaStream_t (int), of the GPU
+                the transfer runs on.
+        """
+        prev = getattr(self._tls, "after", None)
+        self._tls.after = _stream_handle(stream)
+        try:
+            yield
+        finally:
+            self._tls.after = prev
+
+    def post_after(self, xfer: Any, stream: Any, notif: Any = ...) -> XferStatus:
+        """Post ``xfer`` (an XferRequest) so that it starts after the work queued on ``stream``.
+
+        Equivalent to ``with backend.stream_order(stream): xfer.post(notif)``.
+        """
+        with self.stream_order(stream):
+            st: XferStatus = xfer.post() if notif is ... else xfer.post(notif)
+            return st
+
+    def completion_event(self, xfer: Any) -> Any:
+        """The CUDA event (a ``cupy.cuda.Event``) that completes with ``xfer``'s last post.
+
+        Make a stream wait on it (``stream.wait_event(ev)``) to consume the data on the GPU
+        without a host round trip. Accepts an XferRequest or this backend's request.
+
+        Raises:
+            InvalidParamError: not an NVLINK request, or never posted.
+        """
+        breq = xfer._live() if hasattr(xfer, "_live") else xfer
+        if not isinstance(breq, _Request) or not breq.posted:
+            raise InvalidParamError(f"{xfer!r} is not a posted NVLINK transfer")
+        return breq.event
+
+    def mem_view(
+        self,
+        peer: str,
+        descs: Any,
+        mem_type: MemType | str = MemType.VRAM,
+        *,
+        device: int | None = None,
+    ) -> Any:
+        """A device array (cupy, uint64) of pointers to ``descs`` that kernels on ``device`` use.
+
+        ``peer`` is a remote agent whose metadata was loaded (its regions are mapped through
+        CUDA IPC), or ``""`` / this agent's name for its own memory. Element ``i`` is the
+        device address of descriptor ``i``'s first byte; descriptor ``i`` may be read or
+        written for its length. The view stays valid until the peer's metadata is removed or
+        the regions are deregistered.
+
+        Raises:
+            UnknownAgentError: no metadata for ``peer``.
+            InvalidDescriptorError: a descriptor outside every region (names its index).
+            NotSupportedError: a peer's DRAM (not mappable into this process).
+        """
+        d = as_descs(descs, mem_type)
+        mt = d.mem_type
+        local = peer in _INIT_NAMES or peer == self.agent_name
+        if local:
+            regs: list[_Reg] = [
+                r for r in self._local_regs.values() if r.host == (mt is MemType.DRAM)
+            ]
+            whose = "this agent"
+        else:
+            if peer not in self._peers:
+                raise UnknownAgentError(peer)
+            regs = [r for r in self._remote_regs.get(peer, []) if r.host == (mt is MemType.DRAM)]
+            whose = f"agent {peer!r}"
+        arr = d.array
+        n = int(arr.shape[0])
+        if device is None:
+            device = int(self._cp.cuda.runtime.getDevice())
+        if n == 0:
+            with self._cp.cuda.Device(device):
+                return self._cp.empty(0, self._cp.uint64)
+        if not regs:
+            raise InvalidDescriptorError(
+                f"descriptor 0 lies in no {mt.value} region {whose} registered with NVLINK", index=0
+            )
+        starts = np.fromiter((r.addr for r in regs), np.uint64, len(regs))
+        order = np.argsort(starts, kind="stable")
+        starts = starts[order]
+        ends = starts + np.fromiter((regs[k].length for k in order.tolist()), np.uint64, len(regs))
+        addrs, lens = arr[:, 0], arr[:, 1]
+        pos = np.searchsorted(starts, addrs, side="right").astype(np.int64) - 1
+        safe = np.maximum(pos, 0)
+        bad = (pos < 0) | (addrs + lens > ends[safe])
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise InvalidDescriptorError(
+                f"descriptor {i} [addr=0x{int(addrs[i]):x}, len={int(lens[i])}] lies in no "
+                f"{mt.value} region {whose} registered with NVLINK",
+                index=i,
+            )
+        picked = [regs[k] for k in order.tolist()]
+        if not local and mt is MemType.DRAM:
+            raise NotSupportedError(
+                f"agent {peer!r}'s DRAM cannot be mapped into this process (CUDA IPC shares GPU "
+                "memory only)"
+            )
+        deltas = np.fromiter((r.delta & _MASK for r in picked), np.uint64, len(picked))
+        for other in {r.dev for r in picked}:
+            self._enable_peer(device, other)
+        ptrs = addrs + deltas[safe]
+        with self._cp.cuda.Device(device):
+            return self._cp.asarray(ptrs)
+
+    # ------------------------------------------------------------------ notifications
+    def _notify_loop(self) -> None:
+        while True:
+            with self._nlock:
+                while not self._pending and not self._closed:
+                    self._nlock.wait()
+                if self._closed:
+                    return
+                reqs = list(self._pending.values())
+            for req in reqs:
+                if self._event_done(req):
+                    self._flush_notif(req)
+            time.sleep(2e-4)
+
+    def send_notif(self, peer: str, msg: bytes) -> None:
+        name = self.agent_name.encode()
+        if peer == self.agent_name:
+            self._self_notifs.append((self.agent_name, bytes(msg)))
+            return
+        conn = self._peers.get(peer)
+        if conn is None:
+            raise UnknownAgentError(peer)
+        frame = struct.pack("<H", len(name)) + name + bytes(msg)
+        try:
+            with self._lock:
+                self._tx.sendto(frame, conn.sock_addr)
+        except (ConnectionRefusedError, FileNotFoundError) as exc:
+            raise RemoteDisconnectError(
+                f"notification to {peer!r} failed: its agent is gone ({exc})", backend=self.name
+            ) from exc
+        except OSError as exc:
+            raise TransferError(
+                f"notification to {peer!r} failed: {exc}", backend=self.name
+            ) from exc
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                frame = self._rx.recv(1 << 20)
+            except OSError:  # BlockingIOError included: nothing more queued
+                return
+            if len(frame) < 2:
+                continue
+            (n,) = struct.unpack_from("<H", frame)
+            if 2 + n > len(frame):
+                continue  # not from an NVLINK peer
+            self._inbox.append((frame[2 : 2 + n].decode("utf-8", "replace"), frame[2 + n :]))
+
+    def _receive(self) -> None:
+        poller = select.poll()
+        poller.register(self._rx, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        while True:
+            events = poller.poll()
+            if any(fd == self._wake_r for fd, _ in events):
+                return
+            with self._rx_lock:
+                self._drain()
+
+    def get_notifs(self) -> list[tuple[str, bytes]]:
+        out: list[tuple[str, bytes]] = []
+        while self._self_notifs:
+            out.append(self._self_notifs.popleft())
+        with self._rx_lock:
+            self._drain()
+            while self._inbox:
+                out.append(self._inbox.popleft())
+        return out
+
+    # ------------------------------------------------------------------ lifecycle
+    def close(self) -> None:
+        if self._closed:
+            return
+        with self._nlock:
+            self._closed = True
+            self._nlock.notify_all()
+        self._notifier.join(timeout=5.0)
+        self._sync_all()
+        for key, refs in list(self._mapped.items()):
+            for _ in range(refs):
+                self._unmap(key)
+        self._mapped.clear()
+        for reg in list(self._local_regs.values()):
+            if reg.pinned:
+                with contextlib.suppress(Exception):
+                    self._cu.host_unregister(reg.addr)
+                reg.pinned = False
+        self._local_regs.clear()
+        self._remote_regs.clear()
+        os.write(self._wake_w, b"x")
+        self._rx_thread.join(timeout=5.0)
+        self._rx.close()
+        self._tx.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)

@@ -1,0 +1,356 @@
+"""NVLINK's own tests: the metadata codec and probe (everywhere), and on a GPU the copy kernel's
+alignment paths, chunking, DRAM <-> VRAM, cross-process transfers, refusals with reasons,
+stream-ordered posting, completion events and device-side memory views."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+from nixl_nvlink._wire import (
+    KIND_DEVICE,
+    KIND_HOST,
+    ConnInfo,
+    RegionBlob,
+    decode_conn,
+    decode_region,
+    encode_conn,
+    encode_region,
+)
+
+from nixl_core.agent import Agent
+from nixl_core.backend import XferStatus
+from nixl_core.descriptors import DescList
+from nixl_core.errors import (
+    InvalidDescriptorError,
+    MetadataError,
+    NotSupportedError,
+)
+from nixl_core.testing import BackendFixtures, PeerProcess
+
+SRC_SEED, PEER_SEED = 101, 202
+
+
+# ---------------------------------------------------------------------------------- everywhere
+def test_entry_point_registers_nvlink(nixl_fresh_plugins: Any) -> None:
+    """The installed entry point adds the NVLINK backend to the registry."""
+    cls = nixl_fresh_plugins.registry.get("NVLINK")
+    assert cls.name == "NVLINK"
+    assert cls.supports_remote and cls.supports_notif and cls.supports_local
+
+
+def test_probe_never_raises_and_says_why(nixl_fresh_plugins: Any) -> None:
+    """probe() returns an Availability; when unavailable, its reason is not empty."""
+    avail = nixl_fresh_plugins.registry.get("NVLINK").probe()
+    assert avail.available or avail.reason
+
+
+def test_conn_info_round_trip_and_strictness() -> None:
+    """Connection info decodes to what was encoded; every truncation and extra byte is refused."""
+    info = ConnInfo(1234, b"boot-id-1", "host-a", b"\0nixl-nvlink-x")
+    raw = encode_conn(info)
+    assert decode_conn(raw) == info
+    for cut in range(len(raw)):
+        with pytest.raises(MetadataError):
+            decode_conn(raw[:cut])
+    with pytest.raises(MetadataError):
+        decode_conn(raw + b"\0")
+    with pytest.raises(MetadataError):
+        decode_conn(b"XXXX" + raw[4:])
+
+
+def test_region_blob_round_trip_and_strictness() -> None:
+    """Device and host blobs decode to what was encoded; bad length, kind and offset are refused."""
+    dev = RegionBlob(KIND_DEVICE, b"u" * 16, 0x7F0000000000, 1 << 30, 4096, b"h" * 64)
+    raw = encode_region(dev)
+    assert decode_region(raw) == dev
+    host = encode_region(RegionBlob(KIND_HOST))
+    assert decode_region(host).is_host
+    for cut in range(len(raw)):
+        with pytest.raises(MetadataError):
+            decode_region(raw[:cut])
+    with pytest.raises(MetadataError):
+        decode_region(raw + b"\0")
+    with pytest.raises(MetadataError):
+        decode_region(raw[:4] + b"\x07" + raw[5:])
+    bad = RegionBlob(KIND_DEVICE, b"u" * 16, 0, 4096, 4096, b"h" * 64)
+    with pytest.raises(MetadataError, match="outside"):
+        decode_region(encode_region(bad), 3)
+
+
+# ---------------------------------------------------------------------------------- on a GPU
+class TestNvlinkGpu(BackendFixtures):
+    """Behaviour beyond the conformance suites (skips with probe()'s reason without a GPU)."""
+
+    backend_name = "NVLINK"
+    xfer_timeout = 30.0
+
+    @staticmethod
+    def cp() -> Any:
+        import cupy
+
+        return cupy
+
+    def _run(self, agent: Agent, op: str, local: DescList, remote: DescList, peer: str) -> str:
+        with agent.create(op, local, remote, peer, merge=False) as req:
+            req.post()
+            assert req.wait(self.xfer_timeout) is XferStatus.DONE
+            return req.path
+
+    def test_unaligned_offsets_and_lengths(self, agent: Agent, buffer_factory: Any) -> None:
+        """Pairs aligned mod 16, mod 4 and not at all, with odd lengths, copy exactly."""
+        nbytes = 4 << 20
+        src = buffer_factory("VRAM", nbytes, SRC_SEED)
+        dst = buffer_factory("VRAM", nbytes)
+        agent.register(src)
+        agent.register(dst)
+        s, d = self.describe(src)[0], self.describe(dst)[0]
+        rng = np.random.default_rng(5)
+        n = 2000
+        lens = rng.integers(0, 1500, n)
+        src_off = np.arange(n) * 2048 + rng.integers(0, 40, n)
+        shift = rng.choice([0, 16, 4, 1, 7, 13], n)  # same residue mod 16 / mod 4 / none
+        dst_off = np.arange(n) * 2048 + (src_off % 2048 + shift) % 64
+        local = DescList.from_array(np.stack([s + src_off, lens, np.zeros(n, np.int64)], 1), "VRAM")
+        remote = DescList.from_array(
+            np.stack([d + dst_off, lens, np.zeros(n, np.int64)], 1), "VRAM"
+        )
+        assert self._run(agent, "WRITE", local, remote, agent.name) == "nvlink:local"
+        want = np.zeros(nbytes, np.uint8)
+        pat = self.pattern(SRC_SEED, nbytes)
+        for so, do, ln in zip(src_off.tolist(), dst_off.tolist(), lens.tolist(), strict=True):
+            want[do : do + ln] = pat[so : so + ln]  # reference only: the data path has no loop
+        np.testing.assert_array_equal(self.host(dst), want)
+
+    def test_long_descriptors_are_chunked(self, agent: Agent, buffer_factory: Any) -> None:
+        """Descriptors far longer than a chunk (and not a multiple of it) copy completely."""
+        nbytes = (40 << 20) + 5
+        src = buffer_factory("VRAM", nbytes, SRC_SEED)
+        dst = buffer_factory("VRAM", nbytes)
+        agent.register(src)
+        agent.register(dst)
+        s, d = self.describe(src)[0], self.describe(dst)[0]
+        cut = (24 << 20) + 3
+        local = DescList.from_tuples([(s, cut, 0), (s + cut, nbytes - cut, 0)], "VRAM")
+        remote = DescList.from_tuples([(d + nbytes - cut, cut, 0), (d, nbytes - cut, 0)], "VRAM")
+        self._run(agent, "WRITE", local, remote, agent.name)
+        got = self.host(dst)
+        pat = self.pattern(SRC_SEED, nbytes)
+        np.testing.assert_array_equal(got[nbytes - cut :], pat[:cut])
+        np.testing.assert_array_equal(got[: nbytes - cut], pat[cut:])
+
+    @pytest.mark.parametrize("op", ["WRITE", "READ"])
+    def test_dram_vram_local(self, agent: Agent, buffer_factory: Any, op: str) -> None:
+        """Pinned DRAM <-> VRAM through the same kernel, scattered 32 KiB blocks, both ways."""
+        n, blk = 512, 32 << 10
+        host = buffer_factory("DRAM", n * blk, SRC_SEED)
+        dev = buffer_factory("VRAM", n * blk, PEER_SEED)
+        agent.register(host)
+        agent.register(dev)
+        h, g = self.describe(host)[0], self.describe(dev)[0]
+        perm = np.random.default_rng(3).permutation(n)
+        local = self.blocks("DRAM", h, 0, np.arange(n) * blk, blk)
+        remote = self.blocks("VRAM", g, 0, perm * blk, blk)
+        assert self._run(agent, op, local, remote, agent.name) == "nvlink:local+host"
+        a = self.pattern(SRC_SEED, n * blk).reshape(n, blk)
+        b = self.pattern(PEER_SEED, n * blk).reshape(n, blk)
+        if op == "WRITE":
+            want = b.copy()
+            want[perm] = a
+            np.testing.assert_array_equal(self.host(dev).reshape(n, blk), want)
+        else:
+            np.testing.assert_array_equal(self.host(host).reshape(n, blk), b[perm])
+
+    def test_dram_to_peer_vram_with_notif(
+        self, agent: Agent, peer: PeerProcess, buffer_factory: Any
+    ) -> None:
+        """Local pinned DRAM is written into a peer's VRAM; the notification follows the data."""
+        n, blk = 256, 32 << 10
+        host = buffer_factory("DRAM", n * blk, SRC_SEED)
+        agent.register(host)
+        pbuf = peer.alloc(n * blk, None, "VRAM")
+        self.link(agent, peer)
+        local = self.blocks("DRAM", self.describe(host)[0], 0, np.arange(n) * blk, blk)
+        remote = self.blocks("VRAM", pbuf.addr, pbuf.dev, np.arange(n)[::-1] * blk, blk)
+        with agent.create("WRITE", local, remote, peer.name, notif=b"done") as req:
+            req.post()
+            assert req.wait(self.xfer_timeout) is XferStatus.DONE
+            assert req.path == "nvlink:ipc+host"
+        want = self.pattern(SRC_SEED, n * blk).reshape(n, blk)[::-1]
+        assert peer.digest(pbuf) == self.digest(want)
+        got: list[bytes] = []
+        deadline = time.monotonic() + self.xfer_timeout
+        while not got and time.monotonic() < deadline:
+            got = peer.get_notifs().get(agent.name, [])
+        assert got == [b"done"]
+
+    def test_large_scattered_read_from_peer(
+        self, agent: Agent, peer: PeerProcess, buffer_factory: Any
+    ) -> None:
+        """65536 scattered 4 KiB blocks read from a peer's VRAM with prepared lists arrive intact."""
+        n, blk = 65536, 4096
+        dst = buffer_factory("VRAM", n * blk)
+        agent.register(dst)
+        pbuf = peer.alloc(n * blk, PEER_SEED, "VRAM")
+        self.link(agent, peer)
+        perm = np.random.default_rng(17).permutation(n)
+        lp = agent.prep("", DescList.strided("VRAM", self.describe(dst)[0], blk, n, blk, 0))
+        rp = agent.prep(peer.name, DescList.strided("VRAM", pbuf.addr, blk, n, blk, pbuf.dev))
+        with agent.make("READ", lp, perm, rp, np.arange(n), merge=False) as req:
+            assert req.path == "nvlink:ipc"
+            for _ in range(3):  # reposts reuse the device-resident table
+                req.post()
+                assert req.wait(self.xfer_timeout) is XferStatus.DONE
+        got = self.host(dst).reshape(n, blk)
+        np.testing.assert_array_equal(got[perm], self.pattern(PEER_SEED, n * blk).reshape(n, blk))
+
+    def test_peer_dram_is_refused_with_reason(
+        self, agent: Agent, peer: PeerProcess, buffer_factory: Any
+    ) -> None:
+        """A transfer touching a peer's DRAM is refused, naming CUDA IPC's limit and UCX."""
+        buf = buffer_factory("VRAM", 4096)
+        agent.register(buf)
+        pbuf = peer.alloc(4096, None, "DRAM")
+        self.link(agent, peer)
+        with pytest.raises(NotSupportedError, match="UCX"):
+            agent.create(
+                "WRITE",
+                DescList.from_tuples([self.describe(buf)], "VRAM"),
+                DescList.from_tuples([pbuf.desc()], "DRAM"),
+                peer.name,
+            )
+
+    def test_other_host_is_refused_with_reason(self, agent: Agent) -> None:
+        """Connection info from another host is refused with a message that says to use UCX."""
+        nv = agent.backend("NVLINK")
+        info = decode_conn(nv.connection_info())
+        other = ConnInfo(info.pid, info.boot_id, info.hostname + "-elsewhere", info.sock_addr)
+        with pytest.raises(NotSupportedError, match="use the UCX backend"):
+            nv.load_remote_conn("far-agent", encode_conn(other))
+
+    def test_vmm_allocation_is_refused_with_fix(self, tmp_path: Any) -> None:
+        """A PyTorch expandable-segments (VMM) tensor is refused, naming the problem and the fix."""
+        pytest.importorskip("torch")
+        script = textwrap.dedent(
+            """
+            import torch
+            from nixl_core.agent import Agent, AgentConfig
+            from nixl_core.errors import NotSupportedError
+            t = torch.ones(1 << 20, dtype=torch.uint8, device="cuda")
+            a = Agent("vmm", AgentConfig(backends=("NVLINK",)))
+            try:
+                a.register(t)
+            except NotSupportedError as exc:
+                print("REFUSED:", exc)
+            else:
+                print("ACCEPTED")
+            a.close()
+            """
+        )
+        env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True")
+        out = subprocess.run(
+            [sys.executable, "-c", script],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert "REFUSED:" in out.stdout, out.stdout + out.stderr
+        assert "expandable_segments" in out.stdout and "cudaMalloc" in out.stdout
+
+    def test_stream_order_and_completion_event(self, agent: Agent, buffer_factory: Any) -> None:
+        """A post inside stream_order() waits for a slow producer on the caller's stream (no host
+        sync), and a consumer stream waiting on completion_event() sees the copied bytes."""
+        cp = self.cp()
+        nbytes = 1 << 20
+        src = buffer_factory("VRAM", nbytes)
+        dst = buffer_factory("VRAM", nbytes)
+        agent.register(src)
+        agent.register(dst)
+        producer = cp.RawKernel(
+            r"""
+            extern "C" __global__ void slow_fill(unsigned char* p, unsigned long long n) {
+                long long t0 = clock64();
+                while (clock64() - t0 < 200000000LL) { }
+                for (unsigned long long i = blockIdx.x * blockDim.x + threadIdx.x; i < n;
+                     i += gridDim.x * blockDim.x) p[i] = 7;
+            }
+            """,
+            "slow_fill",
+        )
+        user = cp.cuda.Stream(non_blocking=True)
+        consumer = cp.cuda.Stream(non_blocking=True)
+        nv = agent.backend("NVLINK")
+        req = agent.create(
+            "WRITE",
+            DescList.from_tuples([self.describe(src)], "VRAM"),
+            DescList.from_tuples([self.describe(dst)], "VRAM"),
+            agent.name,
+        )
+        with user:
+            producer((64,), (256,), (src, np.uint64(nbytes)))
+        nv.post_after(req, user)
+        consumer.wait_event(nv.completion_event(req))
+        with consumer:
+            total = int(dst.sum(dtype=cp.uint64))
+        assert total == 7 * nbytes
+        assert req.wait(self.xfer_timeout) is XferStatus.DONE
+        req.release()
+
+    def test_mem_view_gpu_initiated_gather(
+        self, agent: Agent, peer: PeerProcess, buffer_factory: Any
+    ) -> None:
+        """mem_view() gives device pointers into a peer's VRAM; the example kernel gathers
+        scattered peer blocks with them, and scatters into them, with no transfer request."""
+        from nixl_nvlink.device_example import gather_blocks, scatter_blocks
+
+        cp = self.cp()
+        n, blk = 1024, 4096
+        pbuf = peer.alloc(n * blk, PEER_SEED, "VRAM")
+        self.link(agent, peer)
+        nv = agent.backend("NVLINK")
+        perm = np.random.default_rng(23).permutation(n)
+        view = nv.mem_view(peer.name, self.blocks("VRAM", pbuf.addr, pbuf.dev, perm * blk, blk))
+        assert view.dtype == cp.uint64 and view.size == n
+        out = cp.zeros(n * blk, cp.uint8)
+        gather_blocks(view, blk, out)
+        cp.cuda.get_current_stream().synchronize()
+        want = self.pattern(PEER_SEED, n * blk).reshape(n, blk)[perm]
+        np.testing.assert_array_equal(cp.asnumpy(out).reshape(n, blk), want)
+        src = cp.asarray(self.pattern(SRC_SEED, n * blk))
+        scatter_blocks(view, blk, src)
+        cp.cuda.get_current_stream().synchronize()
+        back = np.empty((n, blk), np.uint8)
+        back[perm] = self.pattern(SRC_SEED, n * blk).reshape(n, blk)
+        assert peer.digest(pbuf) == self.digest(back)
+        with pytest.raises(InvalidDescriptorError, match="descriptor 1"):
+            nv.mem_view(peer.name, [(pbuf.addr, 16, 0), (pbuf.addr + n * blk, 16, 0)], "VRAM")
+
+    def test_small_transfer_latency(
+        self, agent: Agent, peer: PeerProcess, buffer_factory: Any
+    ) -> None:
+        """A 64 x 4 KiB WRITE to a peer completes, post to done, well under a millisecond."""
+        n, blk = 64, 4096
+        src = buffer_factory("VRAM", n * blk, SRC_SEED)
+        agent.register(src)
+        pbuf = peer.alloc(n * blk, None, "VRAM")
+        self.link(agent, peer)
+        local = self.blocks("VRAM", self.describe(src)[0], 0, np.arange(n) * blk, blk)
+        remote = self.blocks("VRAM", pbuf.addr, pbuf.dev, np.arange(n)[::-1] * blk, blk)
+        times = []
+        with agent.create("WRITE", local, remote, peer.name, merge=False) as req:
+            for _ in range(200):
+                t0 = time.perf_counter()
+                req.post()
+                req.wait(self.xfer_timeout)
+                times.append(time.perf_counter() - t0)
+        p50 = float(np.median(times[20:])) * 1e6
+        print(f"NVLINK 64 x 4 KiB post-to-done p50 {p50:.1f} us")
+        assert p50 < 1000
