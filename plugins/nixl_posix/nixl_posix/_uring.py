@@ -1,7 +1,8 @@
 """A minimal io_uring driver: raw syscalls through ctypes, rings as numpy views of the mmaps.
 
-Submission entries are written for a whole batch of descriptors at once (numpy field
-assignments into the mmapped SQE array), then one ``io_uring_enter`` submits them; completions
+Submission entries are built for a whole batch of descriptors at once (numpy field assignments,
+once per prepared request) and copied into the mmapped SQE array as one block, then one
+``io_uring_enter`` submits them; completions
 are read back the same way. Nothing here loops per descriptor in Python.
 
 Memory ordering: the rings are only touched right before or right after an ``io_uring_enter``
@@ -155,8 +156,6 @@ class Ring:
         self._cq_tail = _u32(self._cq_mm, p.cq_off.tail)
         self._cq_mask = int(_u32(self._cq_mm, p.cq_off.ring_mask)[0])
         self._cqes = np.frombuffer(self._cq_mm, _CQE, self.cq_entries, p.cq_off.cqes)
-        # Entries are zeroed once; submit() only writes the fields it uses.
-        self._sqes[:] = np.zeros(1, _SQE)
         self._sq_array[:] = np.arange(self.sq_entries, dtype=np.uint32)
         self.in_flight = 0
 
@@ -164,7 +163,7 @@ class Ring:
         """How many entries can be submitted now without overrunning the completion queue."""
         return min(self.sq_entries, self.cq_entries - self.in_flight)
 
-    def submit(
+    def entries(
         self,
         opcode: int | npt.NDArray[np.uint8],
         fds: int | npt.NDArray[np.int32],
@@ -173,42 +172,34 @@ class Ring:
         lens: npt.NDArray[np.uint64],
         user_data: npt.NDArray[np.uint64],
         flags: int | npt.NDArray[np.uint8] = 0,
-    ) -> None:
-        """Queue ``len(offs)`` entries (at most :meth:`capacity`) and hand them to the kernel."""
-        n = int(offs.shape[0])
+    ) -> npt.NDArray[np.void]:
+        """Submission entries for a batch, built once and submitted (by :meth:`submit`) many times."""
+        e = np.zeros(offs.shape[0], _SQE)
+        e["opcode"], e["flags"], e["fd"] = opcode, flags, fds
+        e["off"], e["addr"], e["len"], e["user_data"] = offs, addrs, lens, user_data
+        return e
+
+    def submit(self, entries: npt.NDArray[np.void]) -> None:
+        """Copy ``entries`` (at most :meth:`capacity`) into the ring and hand them to the kernel."""
+        n = int(entries.shape[0])
         if n == 0:
             return
         if n > self.capacity():
             raise ValueError(f"{n} entries exceed the ring's capacity {self.capacity()}")
         tail = int(self._sq_tail[0])
         start = tail & self._sq_mask
-        sqe = self._sqes
-        if start + n <= self.sq_entries:  # one stretch of the ring: slice assignment
-            s = sqe[start : start + n]
-            s["opcode"], s["flags"], s["fd"] = opcode, flags, fds
-            s["off"], s["addr"], s["len"], s["user_data"] = offs, addrs, lens, user_data
-        else:  # wraps: write the two stretches
-            k = self.sq_entries - start
-            for lo, hi, dst in ((0, k, sqe[start:]), (k, n, sqe[: n - k])):
-                dst["opcode"] = opcode if np.ndim(opcode) == 0 else opcode[lo:hi]
-                dst["flags"] = flags if np.ndim(flags) == 0 else flags[lo:hi]
-                dst["fd"] = fds if np.ndim(fds) == 0 else fds[lo:hi]
-                dst["off"], dst["addr"] = offs[lo:hi], addrs[lo:hi]
-                dst["len"], dst["user_data"] = lens[lo:hi], user_data[lo:hi]
+        k = min(n, self.sq_entries - start)
+        self._sqes[start : start + k] = entries[:k]
+        if k < n:  # the batch wraps around the ring's end
+            self._sqes[: n - k] = entries[k:]
         self._sq_tail[0] = np.uint32((tail + n) & 0xFFFFFFFF)
         self.in_flight += n
         self._enter(n, 0, 0)
 
     def nop(self, user_data: int) -> None:
         """Submit one no-op (wakes a thread blocked in :meth:`wait`)."""
-        self.submit(
-            OP_NOP,
-            -1,
-            np.zeros(1, np.uint64),
-            np.zeros(1, np.uint64),
-            np.zeros(1, np.uint64),
-            np.array([user_data], np.uint64),
-        )
+        z = np.zeros(1, np.uint64)
+        self.submit(self.entries(OP_NOP, -1, z, z, z, np.array([user_data], np.uint64)))
 
     def wait(self, min_complete: int = 1) -> None:
         """Block (GIL released) until at least ``min_complete`` completions are queued."""

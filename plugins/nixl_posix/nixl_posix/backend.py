@@ -139,11 +139,15 @@ class _Request(BackendRequest):
         self.files = files
         self.flags = flags
         self.n = int(offs.shape[0])
-        self.id = 0
+        self.nbytes = int(lens.sum(dtype=np.uint64))
+        self.engine: _UringEngine | _AioEngine | _ThreadEngine | None = None
+        self.id = 0  # the engine's id, assigned at the first post and kept for reposts
+        self.prepared: Any = None  # the engine's per-request submission arrays, built once
         self.submitted = 0
         self.completed = 0
         self.status = XferStatus.PENDING
         self.canceled = False
+        self.stopped = False  # nothing more will be submitted (released, or a submit failed)
         self.bad: tuple[int, int] | None = None  # (I/O index, res) of the first failure
 
     def fd_of(self, i: int) -> int:
@@ -153,8 +157,12 @@ class _Request(BackendRequest):
         self.submitted = self.completed = 0
         self.bad = None
         self.error = None
-        self.canceled = False
+        self.canceled = self.stopped = False
         self.status = XferStatus.IN_PROGRESS
+
+    def ended(self) -> bool:
+        """Every I/O that will run has completed."""
+        return self.completed == self.n or (self.stopped and self.completed == self.submitted)
 
     def fail(self, i: int, res: int) -> None:
         if self.bad is None or i < self.bad[0]:
@@ -207,6 +215,46 @@ class _Request(BackendRequest):
         return FileIOError(msg, path=path, offset=off, index=idx, err=e, backend=backend)
 
 
+def _account(
+    live: dict[int, _Request], ud: npt.NDArray[np.uint64], res: npt.NDArray[Any], backend: str
+) -> None:
+    """Apply completions (user data = request id << 32 | I/O index, result) to their requests."""
+    if ud.size == 0:
+        return
+    ids = (ud >> np.uint64(32)).astype(np.int64)
+    idx = (ud & np.uint64(0xFFFFFFFF)).astype(np.intp)
+    lo, hi = int(ids.min()), int(ids.max())
+    for rid in [lo] if lo == hi else np.unique(ids).tolist():
+        req = live.get(rid)
+        if req is None:  # the wake-up no-op
+            continue
+        if lo == hi:
+            i, r = idx, res
+        else:
+            sel = ids == rid
+            i, r = idx[sel], res[sel]
+        bad = r.astype(np.int64) != req.lens[i].astype(np.int64)
+        if bad.any():
+            k = int(np.argmax(bad))
+            req.fail(int(i[k]), int(r[k]))
+        req.completed += int(i.size)
+        if req.ended():
+            del live[rid]
+            req.finish(backend)
+
+
+def _stop_queued(
+    req: _Request, queue: collections.deque[_Request], live: dict[int, _Request], backend: str
+) -> None:
+    """Release: submit nothing more of ``req``; end it now if the kernel holds none of it."""
+    req.canceled = req.stopped = True
+    if req in queue:
+        queue.remove(req)
+    if req.completed == req.submitted:
+        live.pop(req.id, None)
+        req.finish(backend)
+
+
 class _UringEngine:
     """Submits requests to one io_uring; a completion thread reaps and submits what waits."""
 
@@ -222,22 +270,35 @@ class _UringEngine:
         self._live: dict[int, _Request] = {}
         self._ids = itertools.count(1)
         self._closed = False
+        self._waiters = 0  # threads in block() or cancel(): they need a notify on completions
         self._thread = threading.Thread(target=self._run, name="nixl-posix-uring", daemon=True)
         self._thread.start()
 
     def start(self, req: _Request) -> None:
-        from nixl_posix._uring import OP_READ, OP_WRITE
+        if not req.id:
+            from nixl_posix._uring import OP_READ, OP_WRITE
 
-        req.id = next(self._ids) & 0xFFFFFFFF or next(self._ids)
-        req.opcode = OP_READ if req.op is XferOp.READ else OP_WRITE  # type: ignore[attr-defined]
+            req.id = next(self._ids) & 0x7FFFFFFF or next(self._ids)
+            ud = np.arange(req.n, dtype=np.uint64) | np.uint64(req.id << 32)
+            opcode = OP_READ if req.op is XferOp.READ else OP_WRITE
+            req.prepared = self._ring.entries(
+                opcode, req.fds, req.offs, req.addrs, req.lens, ud, req.flags
+            )
         with self._cond:
             self._live[req.id] = req
             self._queue.append(req)
-            self._pump()
             # I/O the kernel served inline is already in the completion queue: reap it here
-            # (right after io_uring_enter returned), so a small request is DONE when post returns.
-            self._reap()
-            self._cond.notify_all()
+            # (right after io_uring_enter returned), so a small request is DONE when post returns;
+            # what did not fit in the ring goes in as soon as reaping made room.
+            while True:
+                self._pump()
+                self._reap()
+                if not self._queue or self._ring.in_flight:
+                    break
+            # Wake the completion thread only when the kernel still holds I/O (or someone waits):
+            # a needless wake-up costs a GIL hand-off, more than a whole small request.
+            if self._ring.in_flight or self._waiters:
+                self._cond.notify_all()
 
     def _pump(self) -> None:
         ring = self._ring
@@ -248,55 +309,21 @@ class _UringEngine:
                 return
             lo = req.submitted
             hi = min(req.n, lo + room)
-            ud = np.arange(lo, hi, dtype=np.uint64) | np.uint64(req.id << 32)
-            fds = req.fds if np.ndim(req.fds) == 0 else req.fds[lo:hi]  # type: ignore[index]
-            flags = req.flags if np.ndim(req.flags) == 0 else req.flags[lo:hi]  # type: ignore[index]
-            ring.submit(
-                req.opcode,
-                fds,
-                req.offs[lo:hi],
-                req.addrs[lo:hi],  # type: ignore[attr-defined]
-                req.lens[lo:hi],
-                ud,
-                flags,
-            )
+            ring.submit(req.prepared[lo:hi])
             req.submitted = hi
             if hi == req.n:
                 self._queue.popleft()
 
     def _reap(self) -> None:
         ud, res = self._ring.reap()
-        if ud.size == 0:
-            return
-        ids = (ud >> np.uint64(32)).astype(np.int64)
-        idx = (ud & np.uint64(0xFFFFFFFF)).astype(np.intp)
-        lo, hi = int(ids.min()), int(ids.max())
-        groups = [lo] if lo == hi else np.unique(ids).tolist()
-        for rid in groups:
-            if rid == _WAKE:
-                continue
-            req = self._live.get(rid)
-            if req is None:
-                continue
-            if lo == hi:
-                i, r = idx, res
-            else:
-                sel = ids == rid
-                i, r = idx[sel], res[sel]
-            bad = r.astype(np.int64) != req.lens[i].astype(np.int64)
-            if bad.any():
-                k = int(np.argmax(bad))
-                req.fail(int(i[k]), int(r[k]))
-            req.completed += int(i.size)
-            if req.completed == req.n or (req.canceled and req.completed == req.submitted):
-                del self._live[rid]
-                req.finish(self._backend)
+        _account(self._live, ud, res, self._backend)
 
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._closed and self._ring.in_flight == 0:
+                while not self._closed and self._ring.in_flight == 0 and not self._queue:
                     self._cond.wait()
+                self._pump()
                 if self._closed and self._ring.in_flight == 0:
                     return
             self._ring.wait(1)  # GIL released while the kernel works
@@ -305,23 +332,25 @@ class _UringEngine:
                 self._pump()
                 self._cond.notify_all()
 
+    def _wait(self, req: _Request, timeout: float) -> bool:
+        """Wait (holding the condition) until ``req`` leaves IN_PROGRESS; False on timeout."""
+        self._waiters += 1
+        try:
+            return self._cond.wait_for(lambda: req.status is not XferStatus.IN_PROGRESS, timeout)
+        finally:
+            self._waiters -= 1
+
     def block(self, req: _Request, timeout: float) -> None:
         with self._cond:
-            self._cond.wait_for(lambda: req.status is not XferStatus.IN_PROGRESS, timeout)
+            self._wait(req, timeout)
 
     def cancel(self, req: _Request, timeout: float) -> None:
         with self._cond:
             if req.status is not XferStatus.IN_PROGRESS:
                 return
-            req.canceled = True
-            if req in self._queue:
-                self._queue.remove(req)
-            if req.completed == req.submitted:
-                self._live.pop(req.id, None)
-                req.finish(self._backend)
-                return
+            _stop_queued(req, self._queue, self._live, self._backend)
             # Submitted I/O still reads or writes the caller's buffers: wait for it to end.
-            if not self._cond.wait_for(lambda: req.status is not XferStatus.IN_PROGRESS, timeout):
+            if req.status is XferStatus.IN_PROGRESS and not self._wait(req, timeout):
                 raise RepostActiveError(
                     f"POSIX request still has {req.submitted - req.completed} I/Os in the kernel "
                     f"after {timeout} s"
@@ -335,6 +364,131 @@ class _UringEngine:
             self._cond.notify_all()
         self._thread.join(timeout=30)
         self._ring.close()
+
+
+class _AioEngine:
+    """Linux AIO: buffered writes run inside ``io_submit`` (GIL released), in one system call.
+
+    A request of at most ``inline_max`` bytes is submitted by ``post`` itself and is DONE when
+    post returns; a larger one goes to the engine's thread, so post returns at once.
+    """
+
+    path = "posix:aio"
+
+    def __init__(self, backend: str, entries: int, inline_max: int) -> None:
+        from nixl_posix._aio import AioContext
+
+        self._backend = backend
+        self._ctx = AioContext(entries)
+        self._inline_max = inline_max
+        self._cond = threading.Condition()
+        self._queue: collections.deque[_Request] = collections.deque()
+        self._live: dict[int, _Request] = {}
+        self._ids = itertools.count(1)
+        self._reserved = 0  # context slots taken by submitted, unreaped I/O
+        self._closed = False
+        self._waiters = 0
+        self._thread = threading.Thread(target=self._run, name="nixl-posix-aio", daemon=True)
+        self._thread.start()
+
+    def start(self, req: _Request) -> None:
+        if not req.id:
+            from nixl_posix._aio import CMD_PREAD, CMD_PWRITE, iocbs
+
+            req.id = next(self._ids) & 0x7FFFFFFF or next(self._ids)
+            data = np.arange(req.n, dtype=np.uint64) | np.uint64(req.id << 32)
+            cmd = CMD_PREAD if req.op is XferOp.READ else CMD_PWRITE
+            req.prepared = iocbs(cmd, req.fds, req.offs, req.addrs, req.lens, data)
+        with self._cond:
+            self._live[req.id] = req
+            if req.nbytes <= self._inline_max and not self._queue:
+                self._submit(req)  # page-cache I/O is done when io_submit returns
+                if req.submitted < req.n and not req.stopped:
+                    self._queue.append(req)
+                self._reap(0)
+            else:
+                self._queue.append(req)
+            if self._queue or self._reserved or self._waiters:
+                self._cond.notify_all()
+
+    def _submit(self, req: _Request) -> int:
+        """Submit what fits of ``req`` (caller holds the condition); returns how many went in."""
+        lo = req.submitted
+        hi = min(req.n, lo + self._ctx.entries - self._reserved)
+        if hi <= lo:
+            return 0
+        try:
+            n = self._ctx.submit(req.prepared[1][lo:hi])
+        except OSError as exc:  # the kernel refused I/O number lo (bad fd, bad address...)
+            req.fail(lo, -(exc.errno or errno.EIO))
+            req.stopped = True
+            if req.completed == req.submitted:
+                self._live.pop(req.id, None)
+                req.finish(self._backend)
+            return 0
+        req.submitted += n
+        self._reserved += n
+        return n
+
+    def _reap(self, min_nr: int) -> None:
+        ud, res = self._ctx.reap(min_nr, 0.0 if min_nr == 0 else 0.05)
+        self._reserved -= int(ud.size)
+        _account(self._live, ud, res, self._backend)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and not self._queue and not self._reserved:
+                    self._cond.wait()
+                if self._closed and not self._reserved:
+                    return
+                # The condition is held during io_submit: a large buffered request is written
+                # here, and post() of another request waits for it (one file system anyway).
+                while self._queue and self._reserved < self._ctx.entries:
+                    req = self._queue[0]
+                    self._submit(req)
+                    if req.submitted == req.n or req.stopped:
+                        self._queue.popleft()
+                    self._reap(0)
+                    self._cond.notify_all()
+                if not self._reserved:
+                    continue
+            # O_DIRECT I/O completes later: wait for it without holding the condition.
+            ud, res = self._ctx.reap(1, 0.05)
+            with self._cond:
+                self._reserved -= int(ud.size)
+                _account(self._live, ud, res, self._backend)
+                self._cond.notify_all()
+
+    def _wait(self, req: _Request, timeout: float) -> bool:
+        self._waiters += 1
+        try:
+            return self._cond.wait_for(lambda: req.status is not XferStatus.IN_PROGRESS, timeout)
+        finally:
+            self._waiters -= 1
+
+    def block(self, req: _Request, timeout: float) -> None:
+        with self._cond:
+            self._wait(req, timeout)
+
+    def cancel(self, req: _Request, timeout: float) -> None:
+        with self._cond:
+            if req.status is not XferStatus.IN_PROGRESS:
+                return
+            _stop_queued(req, self._queue, self._live, self._backend)
+            if req.status is XferStatus.IN_PROGRESS and not self._wait(req, timeout):
+                raise RepostActiveError(
+                    f"POSIX request still has {req.submitted - req.completed} I/Os in the kernel "
+                    f"after {timeout} s"
+                )
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._queue.clear()
+            self._cond.notify_all()
+        self._thread.join(timeout=30)
+        self._ctx.close()
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -462,23 +616,50 @@ class PosixBackend(Backend):
             )
         self._max_io &= ~4095  # split points stay O_DIRECT-aligned
         engine = p["engine"].lower()
-        if engine not in ("auto", "uring", "threads"):
-            raise InvalidParamError(f"POSIX engine {engine!r}: expected auto, uring or threads")
-        self._engine: _UringEngine | _ThreadEngine
+        if engine not in ("auto", "uring", "aio", "threads"):
+            raise InvalidParamError(
+                f"POSIX engine {engine!r}: expected auto, uring, aio or threads"
+            )
+        self._cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+        self._uring: _UringEngine | None = None
+        self._aio: _AioEngine | None = None
+        self._threads: _ThreadEngine | None = None
         if engine in ("auto", "uring"):
             from nixl_posix._uring import UringUnavailableError
 
             try:
-                self._engine = _UringEngine(self.name, entries)
+                self._uring = _UringEngine(self.name, entries)
             except UringUnavailableError as exc:
                 if engine == "uring":
                     raise InvalidParamError(f"POSIX engine 'uring' is unavailable: {exc}") from exc
-                logger.info("io_uring unavailable (%s); POSIX uses its thread engine", exc)
-                self._engine = _ThreadEngine(self.name, threads)
-        else:
-            self._engine = _ThreadEngine(self.name, threads)
-        self.engine_name = "uring" if isinstance(self._engine, _UringEngine) else "threads"
+                logger.info("io_uring unavailable (%s)", exc)
+        if engine in ("auto", "aio"):
+            from nixl_posix._aio import AioUnavailableError
+
+            try:
+                self._aio = _AioEngine(self.name, entries, self._inline_max)
+            except AioUnavailableError as exc:
+                if engine == "aio":
+                    raise InvalidParamError(f"POSIX engine 'aio' is unavailable: {exc}") from exc
+                logger.info("Linux AIO unavailable (%s)", exc)
+        if self._uring is None and self._aio is None:
+            if engine == "auto":
+                logger.info("POSIX uses its thread engine (neither io_uring nor AIO works here)")
+            self._threads = _ThreadEngine(self.name, threads)
+        self.engine_name = "+".join(
+            n for n, e in (("uring", self._uring), ("aio", self._aio), ("threads", self._threads))
+            if e is not None
+        )  # fmt: skip
         self._closed = False
+
+    def _engine_for(self, op: XferOp, direct: bool) -> _UringEngine | _AioEngine | _ThreadEngine:
+        """Buffered writes go to AIO (io_uring hands them to its worker pool); the rest to io_uring."""
+        if self._threads is not None:
+            return self._threads
+        if self._uring is None or (self._aio is not None and op is XferOp.WRITE and not direct):
+            assert self._aio is not None
+            return self._aio
+        return self._uring
 
     # ------------------------------------------------------------------ memory
     def register(self, mem_type: MemType, rows: U64, metas: Sequence[bytes]) -> list[Any]:
@@ -593,21 +774,22 @@ class PosixBackend(Backend):
             lens = np.minimum(lens[desc] - step, m)
             if np.ndim(fds):
                 fds = fds[desc]  # type: ignore[index]
+        engine = self._engine_for(op, direct is not None)
         flags: int | npt.NDArray[np.uint8] = 0
-        if isinstance(self._engine, _UringEngine):
+        total = int(lens.sum(dtype=np.uint64))
+        if engine is self._uring and total > self._inline_max:
             from nixl_posix._uring import SQE_ASYNC
 
-            # Large I/Os go to the kernel's worker threads (in parallel, and post() returns at
-            # once); small ones are served inline, where a worker hand-off would cost more.
+            # A small request is served inside io_uring_enter (no worker hand-off, DONE when post
+            # returns). A larger one is shared: the first (cpus-1)/cpus of its I/Os go to the
+            # kernel's workers (flagged async), the rest are served inline meanwhile.
             is_async = lens >= np.uint64(self._async_min)
-            if int(lens.sum(dtype=np.uint64)) <= self._inline_max:
-                pass  # a small request completes inside io_uring_enter: no worker hand-off
-            elif is_async.all():
-                flags = SQE_ASYNC
-            elif is_async.any():
+            is_async[len(lens) - max(1, len(lens) // self._cpus) :] = False
+            if is_async.any():
                 flags = np.where(is_async, SQE_ASYNC, 0).astype(np.uint8)
         req = _Request(op, fds, offs, addrs, lens, desc, files, flags)
-        req.path = self._engine.path
+        req.engine = engine
+        req.path = engine.path
         return req
 
     @staticmethod
@@ -641,7 +823,8 @@ class PosixBackend(Backend):
         if req.n == 0:
             req.status = XferStatus.DONE
             return req.status
-        self._engine.start(req)
+        assert req.engine is not None
+        req.engine.start(req)
         return req.status
 
     def poll(self, req: BackendRequest) -> XferStatus:
@@ -654,15 +837,18 @@ class PosixBackend(Backend):
         return st
 
     def block(self, req: BackendRequest, timeout: float) -> None:
-        assert isinstance(req, _Request)
-        self._engine.block(req, timeout)
+        assert isinstance(req, _Request) and req.engine is not None
+        req.engine.block(req, timeout)
 
     def release(self, req: BackendRequest) -> None:
         assert isinstance(req, _Request)
-        self._engine.cancel(req, timeout=10.0)
+        if req.engine is not None:
+            req.engine.cancel(req, timeout=10.0)
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        self._engine.close()
+        for e in (self._uring, self._aio, self._threads):
+            if e is not None:
+                e.close()

@@ -1,4 +1,4 @@
-"""POSIX backend: DRAM <-> FILE through both engines, path and fd registration, failures."""
+"""POSIX backend: DRAM <-> FILE through every engine, path and fd registration, failures."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from nixl_posix._aio import aio_unavailable_reason
 from nixl_posix._uring import uring_unavailable_reason
 from nixl_posix.backend import FileIOError, PosixBackend, parse_path_meta
 
@@ -19,13 +20,15 @@ from nixl_core.errors import (
     RegistrationError,
 )
 
-ENGINES = ["uring", "threads"]
+ENGINES = ["auto", "uring", "aio", "threads"]
 
 
 @pytest.fixture(params=ENGINES)
 def agent(request: pytest.FixtureRequest) -> Iterator[Agent]:
     if request.param == "uring" and (why := uring_unavailable_reason()) is not None:
         pytest.skip(f"io_uring unavailable here: {why}")
+    if request.param == "aio" and (why := aio_unavailable_reason()) is not None:
+        pytest.skip(f"Linux AIO unavailable here: {why}")
     a = Agent(
         f"posix-{request.param}",
         backends=["POSIX"],
