@@ -241,10 +241,10 @@ class Cuda:
             self._kernel = self.cupy.RawKernel(COPY_KERNEL, "nvl_copy", options=("-std=c++17",))
         return self._kernel
 
-    def grid_for(self, dev: int, chunks: int) -> int:
+    def grid_for(self, dev: int, chunks: int, per_sm: int = BLOCKS_PER_SM) -> int:
         """Blocks for ``chunks`` warp-sized work items on GPU ``dev``: enough to fill it, no more."""
         need = -(-chunks // WARPS_PER_BLOCK)
-        return max(1, min(need, self.sm_count(dev) * BLOCKS_PER_SM))
+        return max(1, min(need, self.sm_count(dev) * per_sm))
 
 
 @functools.cache

@@ -205,6 +205,8 @@ class NvlinkBackend(Backend):
     Params:
         chunk_bytes: descriptors longer than this are split into chunks of this size, one per
             warp (default 16384; a multiple of 16, at least 512).
+        blocks_per_sm: the copy kernel's grid, in 256-thread blocks per multiprocessor
+            (default 8).
     """
 
     name = "NVLINK"
@@ -212,7 +214,7 @@ class NvlinkBackend(Backend):
     supports_local = True
     supports_remote = True
     supports_notif = True
-    default_params: ClassVar[Mapping[str, str]] = {"chunk_bytes": "16384"}
+    default_params: ClassVar[Mapping[str, str]] = {"chunk_bytes": "16384", "blocks_per_sm": "8"}
     install_hint = "pip install 'nixl-nvlink[cu13]'  (or [cu12])"
 
     @classmethod
@@ -250,8 +252,11 @@ class NvlinkBackend(Backend):
         super().__init__(agent_name, params)
         try:
             self._chunk = int(params.get("chunk_bytes", 16384))
+            self._per_sm = int(params.get("blocks_per_sm", 8))
         except (TypeError, ValueError) as exc:
-            raise InvalidParamError(f"NVLINK chunk_bytes: {exc}") from exc
+            raise InvalidParamError(f"NVLINK params: {exc}") from exc
+        if not 1 <= self._per_sm <= 32:
+            raise InvalidParamError(f"NVLINK blocks_per_sm must be 1..32, got {self._per_sm}")
         if self._chunk < 512 or self._chunk % 16:
             raise InvalidParamError(
                 f"NVLINK chunk_bytes must be a multiple of 16 and >= 512, got {self._chunk}"
@@ -606,7 +611,7 @@ class NvlinkBackend(Backend):
             np.uint64(base + 2 * row),
             np.int64(m),
         )
-        req.grid = self._cu.grid_for(dev, m)
+        req.grid = self._cu.grid_for(dev, m, self._per_sm)
         return req
 
     def post(self, req: BackendRequest, notif: bytes | None) -> XferStatus:

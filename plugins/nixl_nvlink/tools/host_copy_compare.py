@@ -8,6 +8,7 @@ bytes (the PCIe copy-engine ceiling).
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -88,6 +89,27 @@ def main() -> None:
 
         out[f"one contiguous cudaMemcpyAsync {name} (ceiling)"] = timed(run)
     agent.close()
+    # The kernel's shape for host paths: chunk size x blocks per SM (NVL_SWEEP=1).
+    if os.environ.get("NVL_SWEEP"):
+        for chunk in (8192, 16384, 65536):
+            for per_sm in (2, 4, 8, 16):
+                params = {"chunk_bytes": str(chunk), "blocks_per_sm": str(per_sm)}
+                a = Agent(
+                    f"sweep{chunk}_{per_sm}",
+                    AgentConfig(backends=("NVLINK",), backend_params={"NVLINK": params}),
+                )
+                a.register(host)
+                a.register(dev)
+                for op in ("WRITE", "READ"):
+                    req = a.create(op, local, remote, a.name, merge=False)
+
+                    def run(req=req) -> None:
+                        req.post()
+                        req.wait(30)
+
+                    out[f"kernel {op} chunk {chunk} blocks/SM {per_sm}"] = timed(run, 5, 2)
+                    req.release()
+                a.close()
     print(f"DRAM <-> VRAM, 32 KiB x {N} scattered (512 MiB), GB/s, median of 10:")
     for k, v in out.items():
         print(f"  {k:<60} {v:8.2f}")
