@@ -304,17 +304,25 @@ def test_recreate_contiguous_check(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_file_target(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    """With a FILE backend the sweep writes and reads back a file (removed after); without one the
-    refusal names the missing capability."""
+    """With a FILE backend the sweep writes and reads back a file (removed after) beside the
+    dd-like sequential baseline; without one the refusal names the missing capability."""
+    files = tmp_path / "files"
+    files.mkdir()
+    out_json = tmp_path / "r.json"
     rc, out, err = _run(
         capsys,
         *TINY, "--start-block-size", "4K", "--max-block-size", "8K", "--total-buffer-size", "1M",
-        "--target-seg", "FILE", "--filepath", str(tmp_path), "--check", "--against", "none",
+        "--target-seg", "FILE", "--filepath", str(files), "--check", "--against", "none",
+        "--json", str(out_json),
     )  # fmt: skip
     if _file_backend():
         assert rc == 0, err
         assert "data check: 4 of 4 rows verified" in out
-        assert list(tmp_path.iterdir()) == []
+        assert "dd B/W" in out and "vs dd" in out
+        assert list(files.iterdir()) == []
+        for r in json.loads(out_json.read_text())["rows"]:
+            assert r["dd_gbps"] > 0
+            assert r["vs_dd"] == pytest.approx(r["gbps"] / r["dd_gbps"], rel=0.01)
     else:
         assert rc == 2
         assert "no installed backend supports FILE segments" in err

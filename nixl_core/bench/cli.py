@@ -56,7 +56,7 @@ LARGE_BLOCK = 1 << 20
 #: Fewest timed iterations a row gets when --max-row-bytes caps it.
 MIN_ITERS = 10
 SEGS = ("DRAM", "VRAM", "FILE")
-_IMPL_NAMES = {"ours": "nixl-py", "nixl": "NIXL"}
+_IMPL_NAMES = {"ours": "nixl-py", "nixl": "NIXL", "dd": "dd"}
 
 
 # --------------------------------------------------------------------------- arguments
@@ -113,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--nixl-backend", help="NIXL's backend (default: UCX, or POSIX for a FILE target)"
+    )
+    g.add_argument(
+        "--dd",
+        choices=("auto", "none"),
+        default="auto",
+        help="auto (default): for a FILE target with DRAM, also time a plain sequential "
+        "pread/pwrite of the same bytes (dd bs=<block>) and print the 'dd B/W' and 'vs dd' columns",
     )
     g.add_argument(
         "--nixl-progress-thread",
@@ -633,7 +640,7 @@ def _run_one(
         init_bytes=plan.init_bytes,
         target_bytes=plan.target_bytes,
         file=file,
-        check=args.check,
+        check=args.check and impl != "dd",  # dd moves other bytes: sequential, by design
         target_idle_poll=0.001 if impl == "nixl" and args.nixl_progress_thread == "off" else 0.02,
     )
     try:
@@ -676,10 +683,14 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         "nixl_backend": nixl_backend.upper(),
         "nixl_progress_thread": args.nixl_progress_thread == "on",
     }
+    with_dd = args.dd == "auto" and args.target_seg == "FILE" and args.initiator_seg == "DRAM"
     started = _dt.datetime.now(_dt.timezone.utc)
-    progress = Progress(len(plan.rows) * (2 if compare else 1), args.progress)
+    progress = Progress(len(plan.rows) * (1 + compare + with_dd), args.progress)
+    dd: ImplRun | None = None
     try:
         ours = _run_one("ours", args, plan, engine, devs, progress)
+        if with_dd:
+            dd = _run_one("dd", args, plan, engine, devs, progress)
         theirs: ImplRun | None = None
         if compare:
             try:
@@ -696,7 +707,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         progress.finish()
     if theirs is None and compare:
         print(f"nixl-bench: warning: NIXL {nixl_why}", file=sys.stderr)
-    rows = _rows(plan, ours, theirs)
+    rows = _rows(plan, ours, theirs, dd)
     ver = nixl_version()
     nixl_meta: dict[str, Any] = {
         "compared": theirs is not None,
@@ -802,12 +813,15 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
-def _rows(plan: Plan, ours: ImplRun, theirs: ImplRun | None) -> list[Row]:
+def _rows(
+    plan: Plan, ours: ImplRun, theirs: ImplRun | None, dd: ImplRun | None = None
+) -> list[Row]:
     out = []
     for i, (rp, _) in enumerate(plan.rows):
         block, batch = rp.local.block, int(rp.local.idx.size)
         mine: RowTimes | None = ours.times[i] if i < len(ours.times) else None
         their = theirs.times[i] if theirs is not None and i < len(theirs.times) else None
+        seq = dd.times[i] if dd is not None and i < len(dd.times) else None
         out.append(
             Row(
                 op=rp.op,
@@ -815,6 +829,7 @@ def _rows(plan: Plan, ours: ImplRun, theirs: ImplRun | None) -> list[Row]:
                 batch=batch,
                 ours=stats_of(mine, block, batch) if mine else None,
                 nixl=stats_of(their, block, batch) if their else None,
+                dd=stats_of(seq, block, batch) if seq else None,
             )
         )
     return out

@@ -4,7 +4,9 @@ Definitions follow nixlbench (../shared/reference/nixl_api.md §7.1): bytes = bl
 iterations; ``B/W (GB/Sec)`` = bytes / 1e9 / total seconds of the timed loop (decimal GB);
 ``Avg Lat. (us)`` = total µs / (iterations x batch), i.e. per block; ``Prep`` = building the
 request; ``Post`` = the post call; ``Tx`` = post's return to completion observed; P99 over the
-samples (nearest rank). ``Ratio`` = ours / NIXL bandwidth (> 1: nixl-py is faster).
+samples (nearest rank). ``Ratio`` = ours / NIXL bandwidth (> 1: nixl-py is faster). FILE rows
+with a DRAM initiator add ``dd B/W`` (the same bytes moved by sequential pread/pwrite calls of one
+block each) and ``vs dd`` = ours / dd.
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ class Row:
     batch: int
     ours: Stats | None
     nixl: Stats | None
+    dd: Stats | None = None  # the sequential baseline of a FILE row
 
     @property
     def ratio(self) -> float | None:
@@ -96,6 +99,13 @@ class Row:
         if self.ours is None or self.nixl is None or self.nixl.gbps <= 0:
             return None
         return self.ours.gbps / self.nixl.gbps
+
+    @property
+    def vs_dd(self) -> float | None:
+        """ours / dd-like sequential bandwidth."""
+        if self.ours is None or self.dd is None or self.dd.gbps <= 0:
+            return None
+        return self.ours.gbps / self.dd.gbps
 
 
 #: (header, width) of the table's columns; nixlbench's names first.
@@ -115,6 +125,7 @@ COLUMNS: list[tuple[str, int]] = [
     ("Ratio", 6),
 ]
 KV_COLUMNS: list[tuple[str, int]] = [("ms/req", 9), ("NIXL ms/req", 11)]
+DD_COLUMNS: list[tuple[str, int]] = [("dd B/W", 8), ("vs dd", 6)]
 
 
 def _num(v: float | None, digits: int = 2) -> str:
@@ -128,6 +139,8 @@ def _num(v: float | None, digits: int = 2) -> str:
 def render_table(rows: Sequence[Row], kv: bool, compared: bool) -> str:
     """The table of one op (rows in sweep order)."""
     cols = list(COLUMNS) + (KV_COLUMNS if kv else [])
+    if any(r.dd is not None for r in rows):
+        cols += DD_COLUMNS
     if not compared:
         cols = [c for c in cols if c[0] not in ("NIXL B/W (GB/Sec)", "Ratio", "NIXL ms/req")]
     head = "  ".join(f"{h:>{w}}" if h != "Path" else f"{h:<{w}}" for h, w in cols).rstrip()
@@ -150,6 +163,8 @@ def render_table(rows: Sequence[Row], kv: bool, compared: bool) -> str:
             "Ratio": _num(r.ratio, 2),
             "ms/req": _num(o.ms_per_iter if o else None, 2),
             "NIXL ms/req": _num(n.ms_per_iter if n else None, 2),
+            "dd B/W": _num(r.dd.gbps if r.dd else None, 3),
+            "vs dd": _num(r.vs_dd, 2),
         }
         lines.append(
             "  ".join(
@@ -185,6 +200,8 @@ def json_rows(rows: Sequence[Row], common: dict[str, Any]) -> list[dict[str, Any
                 "ms_per_iter": _round(o.ms_per_iter if o else None),
                 "desc_count": o.desc_count if o else None,
                 "nixl": n.as_dict() if n else None,
+                "dd_gbps": _round(r.dd.gbps if r.dd else None),
+                "vs_dd": _round(r.vs_dd),
             }
         )
         out.append(d)

@@ -63,7 +63,8 @@ class Child:
     @property
     def what(self) -> str:
         """E.g. "nixl target"."""
-        return f"{self.cfg.impl if self.cfg.impl == 'nixl' else 'nixl-py'} {self.cfg.role}"
+        impl = {"ours": "nixl-py", "dd": "dd baseline"}.get(self.cfg.impl, self.cfg.impl)
+        return f"{impl} {self.cfg.role}"
 
     def _recv(self, timeout: float, op: str) -> Any:
         try:
@@ -122,7 +123,7 @@ class Setup:
     """How to start one implementation's processes.
 
     Attributes:
-        impl: "ours" or "nixl".
+        impl: "ours", "nixl" or "dd" (the sequential baseline of a FILE target).
         engine: engine options (see :func:`nixl_core.bench.engines.make_engine`).
         init_mem, target_mem: memory types of the two sides ("FILE" target: no target process).
         init_dev, target_dev: GPU indices (VRAM), else 0.
@@ -172,7 +173,7 @@ def run_impl(
     Raises:
         BenchError: a process failed to start or a row failed (the message names which).
     """
-    tag = "nb" if setup.impl == "ours" else "nx"
+    tag = {"ours": "nb", "nixl": "nx"}.get(setup.impl, setup.impl)
     is_file = setup.target_mem == "FILE"
     target: Child | None = None
     init: Child | None = None

@@ -211,10 +211,11 @@ class Ring:
         n = (tail - head) & 0xFFFFFFFF
         if n == 0:
             return np.empty(0, np.uint64), np.empty(0, np.int32)
-        idx = (np.arange(head, head + n, dtype=np.uint64) & np.uint64(self._cq_mask)).astype(
-            np.intp
-        )
-        c = self._cqes[idx]
+        start = head & self._cq_mask
+        if start + n <= self.cq_entries:
+            c = self._cqes[start : start + n]
+        else:  # wraps around the ring's end
+            c = np.concatenate([self._cqes[start:], self._cqes[: n - (self.cq_entries - start)]])
         self._cq_head[0] = np.uint32(tail)
         self.in_flight -= n
         return c["user_data"].copy(), c["res"].copy()

@@ -47,6 +47,7 @@ from nixl_core.errors import (
     TransferError,
 )
 from nixl_core.memory import MemType
+from nixl_posix._staging import Stager, VramRequest, require_staging
 
 __all__ = ["FileIOError", "PosixBackend", "parse_path_meta"]
 
@@ -140,6 +141,8 @@ class _Request(BackendRequest):
         self.flags = flags
         self.n = int(offs.shape[0])
         self.nbytes = int(lens.sum(dtype=np.uint64))
+        lo = int(lens.min()) if self.n else 0
+        self.uniform_len = lo if self.n and lo == int(lens.max()) else -1
         self.engine: _UringEngine | _AioEngine | _ThreadEngine | None = None
         self.id = 0  # the engine's id, assigned at the first post and kept for reposts
         self.prepared: Any = None  # the engine's per-request submission arrays, built once
@@ -221,19 +224,22 @@ def _account(
     """Apply completions (user data = request id << 32 | I/O index, result) to their requests."""
     if ud.size == 0:
         return
-    ids = (ud >> np.uint64(32)).astype(np.int64)
-    idx = (ud & np.uint64(0xFFFFFFFF)).astype(np.intp)
-    lo, hi = int(ids.min()), int(ids.max())
-    for rid in [lo] if lo == hi else np.unique(ids).tolist():
+    ids = ud >> np.uint64(32)
+    idx = ud & np.uint64(0xFFFFFFFF)
+    rid0 = int(ids[0])
+    one = bool((ids == rid0).all())  # the common case: every completion is one request's
+    for rid in [rid0] if one else np.unique(ids).tolist():
         req = live.get(rid)
         if req is None:  # the wake-up no-op
             continue
-        if lo == hi:
+        if one:
             i, r = idx, res
         else:
             sel = ids == rid
             i, r = idx[sel], res[sel]
-        bad = r.astype(np.int64) != req.lens[i].astype(np.int64)
+        # A negative result (-errno) wraps to a huge unsigned value: never a valid length.
+        got = r.astype(np.uint64)
+        bad = got != (req.uniform_len if req.uniform_len >= 0 else req.lens[i])
         if bad.any():
             k = int(np.argmax(bad))
             req.fail(int(i[k]), int(r[k]))
@@ -579,7 +585,7 @@ class PosixBackend(Backend):
     """DRAM <-> FILE through io_uring (or a thread pool); loopback transfers only."""
 
     name: ClassVar[str] = "POSIX"
-    mem_types: ClassVar[frozenset[MemType]] = frozenset({MemType.DRAM, MemType.FILE})
+    mem_types: ClassVar[frozenset[MemType]] = frozenset({MemType.DRAM, MemType.VRAM, MemType.FILE})
     supports_local = True
     supports_remote = False
     supports_notif = False
@@ -591,6 +597,7 @@ class PosixBackend(Backend):
         "max_io_size": str(8 << 20),
         "async_min_size": "0",
         "inline_max_bytes": str(1 << 20),
+        "staging_bytes": str(64 << 20),
     }
 
     @classmethod
@@ -608,11 +615,13 @@ class PosixBackend(Backend):
             self._max_io = int(p["max_io_size"])
             self._async_min = int(p["async_min_size"])
             self._inline_max = int(p["inline_max_bytes"])
+            staging = int(p["staging_bytes"])
         except ValueError as exc:
             raise InvalidParamError(f"POSIX params: {exc}") from exc
-        if entries < 1 or threads < 1 or self._max_io < 4096:
+        if entries < 1 or threads < 1 or self._max_io < 4096 or staging < 2 * self._max_io:
             raise InvalidParamError(
-                "POSIX params: ring_entries and num_threads must be >= 1, max_io_size >= 4096"
+                "POSIX params: ring_entries and num_threads must be >= 1, max_io_size >= 4096, "
+                "staging_bytes >= 2 x max_io_size"
             )
         self._max_io &= ~4095  # split points stay O_DIRECT-aligned
         engine = p["engine"].lower()
@@ -650,7 +659,17 @@ class PosixBackend(Backend):
             n for n, e in (("uring", self._uring), ("aio", self._aio), ("threads", self._threads))
             if e is not None
         )  # fmt: skip
+        self._stager = Stager(self.name, staging, self._run_io)
         self._closed = False
+
+    def _run_io(self, req: _Request) -> BaseException | None:
+        """Run a staging chunk's file I/O to its end (the stager's thread waits here)."""
+        assert req.engine is not None
+        req.reset()
+        req.engine.start(req)
+        while req.status is XferStatus.IN_PROGRESS:
+            req.engine.block(req, 1.0)
+        return req.error
 
     def _engine_for(self, op: XferOp, direct: bool) -> _UringEngine | _AioEngine | _ThreadEngine:
         """Buffered writes go to AIO (io_uring hands them to its worker pool); the rest to io_uring."""
@@ -737,11 +756,25 @@ class PosixBackend(Backend):
                 f"POSIX moves data between this agent's memory and its files only (peer must be "
                 f"{self.agent_name!r}, got {peer!r})"
             )
-        if local.mem_type is not MemType.DRAM or remote.mem_type is not MemType.FILE:
+        if local.mem_type is MemType.FILE or remote.mem_type is not MemType.FILE:
             raise NotSupportedError(
-                f"POSIX transfers DRAM (local) <-> FILE (remote), not {local.mem_type.value} -> "
-                f"{remote.mem_type.value}"
+                f"POSIX transfers DRAM or VRAM (local) <-> FILE (remote), not "
+                f"{local.mem_type.value} -> {remote.mem_type.value}"
             )
+        vram = local.mem_type is MemType.VRAM
+        gpu = -1
+        if vram:
+            require_staging(self.name)
+            gpu = local.uniform_dev
+            if gpu < 0:  # -1 when the core did not know the devices were all equal
+                devs = np.unique(local.devs)
+                if devs.size == 1:
+                    gpu = int(devs[0])
+            if gpu < 0:
+                raise NotSupportedError(
+                    f"POSIX VRAM <-> FILE: one request moves one GPU's memory, this one spans "
+                    f"GPUs {devs.tolist()}; post one request per GPU"
+                )
         n = len(local)
         files: dict[int, _File] = {}
         if remote.single_slot >= 0:
@@ -759,8 +792,8 @@ class PosixBackend(Backend):
         offs = np.ascontiguousarray(remote.addrs, np.uint64)
         addrs = np.ascontiguousarray(local.addrs, np.uint64)
         lens = np.ascontiguousarray(local.lengths, np.uint64)
-        if direct is not None:
-            self._check_direct(op, direct, offs, addrs, lens, fds, files)
+        if direct is not None:  # VRAM blocks are staged at aligned host addresses
+            self._check_direct(op, direct, offs, None if vram else addrs, lens, fds, files)
         desc: I64 | None = None
         big = lens > np.uint64(self._max_io)
         if big.any():  # split large descriptors: vectorized, O_DIRECT alignment kept
@@ -775,6 +808,8 @@ class PosixBackend(Backend):
             if np.ndim(fds):
                 fds = fds[desc]  # type: ignore[index]
         engine = self._engine_for(op, direct is not None)
+        if vram:
+            return self._prepare_vram(op, gpu, fds, offs, addrs, lens, desc, files, engine)
         flags: int | npt.NDArray[np.uint8] = 0
         total = int(lens.sum(dtype=np.uint64))
         if engine is self._uring and total > self._inline_max:
@@ -792,33 +827,61 @@ class PosixBackend(Backend):
         req.path = engine.path
         return req
 
+    def _prepare_vram(
+        self,
+        op: XferOp,
+        dev: int,
+        fds: int | npt.NDArray[np.int32],
+        offs: U64,
+        vaddrs: U64,
+        lens: U64,
+        desc: I64 | None,
+        files: dict[int, _File],
+        engine: _UringEngine | _AioEngine | _ThreadEngine,
+    ) -> VramRequest:
+        """Chunks of staged I/O: each chunk's file side is a DRAM request on a pool slot."""
+
+        def make_io(lo: int, hi: int, host: U64) -> _Request:
+            cfds = fds if np.ndim(fds) == 0 else fds[lo:hi]  # type: ignore[index]
+            cdesc = np.arange(lo, hi, dtype=np.int64) if desc is None else desc[lo:hi]
+            io = _Request(op, cfds, offs[lo:hi], host, lens[lo:hi], cdesc, files, 0)
+            io.engine = engine
+            return io
+
+        req = self._stager.prepare(op, dev, vaddrs, lens, make_io)
+        req.path = f"{engine.path}+staged"
+        return req
+
     @staticmethod
     def _check_direct(
         op: XferOp,
         direct: npt.NDArray[np.bool_],
         offs: U64,
-        addrs: U64,
+        addrs: U64 | None,
         lens: U64,
         fds: int | npt.NDArray[np.int32],
         files: dict[int, _File],
     ) -> None:
         a = np.uint64(_DIRECT_ALIGN - 1)
-        bad = direct & (((offs | addrs | lens) & a) != 0)
+        bad = direct & ((((offs | lens) if addrs is None else (offs | addrs | lens)) & a) != 0)
         if bad.any():
             i = int(np.argmax(bad))
             fd = int(fds) if np.ndim(fds) == 0 else int(fds[i])  # type: ignore[index]
             raise InvalidDescriptorError(
                 f"misaligned O_DIRECT {'read' if op is XferOp.READ else 'write'}: descriptor {i} "
-                f"({files[fd].path} at offset {int(offs[i])}, length {int(lens[i])}, buffer "
-                f"0x{int(addrs[i]):x}); offsets, lengths and buffer addresses must be multiples "
-                f"of {_DIRECT_ALIGN}",
+                f"({files[fd].path} at offset {int(offs[i])}, length {int(lens[i])}"
+                f"{'' if addrs is None else f', buffer 0x{int(addrs[i]):x}'}); offsets, lengths and "
+                f"buffer addresses must be multiples of {_DIRECT_ALIGN}",
                 index=i,
             )
 
     def post(self, req: BackendRequest, notif: bytes | None) -> XferStatus:
-        assert isinstance(req, _Request)
         if notif is not None:
             raise NotSupportedError("POSIX delivers no notifications (it has no peers)")
+        if isinstance(req, VramRequest):
+            self._stager.start(req)
+            return req.status
+        assert isinstance(req, _Request)
         req.reset()
         if req.n == 0:
             req.status = XferStatus.DONE
@@ -828,7 +891,7 @@ class PosixBackend(Backend):
         return req.status
 
     def poll(self, req: BackendRequest) -> XferStatus:
-        assert isinstance(req, _Request)
+        assert isinstance(req, (_Request, VramRequest))
         st = req.status
         if st is XferStatus.IN_PROGRESS:
             time.sleep(
@@ -837,10 +900,16 @@ class PosixBackend(Backend):
         return st
 
     def block(self, req: BackendRequest, timeout: float) -> None:
+        if isinstance(req, VramRequest):
+            self._stager.block(req, timeout)
+            return
         assert isinstance(req, _Request) and req.engine is not None
         req.engine.block(req, timeout)
 
     def release(self, req: BackendRequest) -> None:
+        if isinstance(req, VramRequest):
+            self._stager.cancel(req, timeout=10.0)
+            return
         assert isinstance(req, _Request)
         if req.engine is not None:
             req.engine.cancel(req, timeout=10.0)
@@ -849,6 +918,7 @@ class PosixBackend(Backend):
         if self._closed:
             return
         self._closed = True
+        self._stager.close()
         for e in (self._uring, self._aio, self._threads):
             if e is not None:
                 e.close()

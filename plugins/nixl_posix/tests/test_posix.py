@@ -61,7 +61,11 @@ def _pattern(nbytes: int, seed: int = 0) -> np.ndarray:
 
 def test_listed_with_its_engine() -> None:
     info = {b.name: b for b in list_backends()}["POSIX"]
-    assert info.available and set(info.mem_types) == {"DRAM", "FILE"} and info.plugin == "posix"
+    assert (
+        info.available
+        and set(info.mem_types) == {"DRAM", "VRAM", "FILE"}
+        and info.plugin == "posix"
+    )
     assert parse_path_meta(b"rw,direct:/x") == (frozenset({"rw", "direct"}), "/x")
     assert parse_path_meta(b"/just/a/path") is None
     assert parse_path_meta(b"ro,rw:/x") is None
@@ -258,7 +262,7 @@ def test_only_loopback_dram_to_file(agent: Agent, tmp_path: Path) -> None:
     a, b = np.zeros(4096, np.uint8), np.zeros(4096, np.uint8)
     agent.register(a)
     agent.register(b)
-    with pytest.raises(NotSupportedError, match=r"DRAM \(local\) <-> FILE"):
+    with pytest.raises(NotSupportedError, match=r"DRAM or VRAM \(local\) <-> FILE"):
         agent.create(
             "WRITE",
             DescList.from_tuples([(a.ctypes.data, 4096, 0)], "DRAM"),
