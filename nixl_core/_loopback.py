@@ -33,6 +33,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
+import attrs
 import numpy as np
 import numpy.typing as npt
 
@@ -121,6 +122,20 @@ class _Request(BackendRequest):
         self.error = None
 
 
+def _pick(side: XferSide, idx: npt.NDArray[np.integer[Any]], lens: U64) -> XferSide:
+    """The descriptors ``idx`` of a whole side (uniform columns stay broadcast views)."""
+    n = int(idx.size)
+    if side.uniform_dev >= 0:
+        devs: U64 = np.broadcast_to(np.uint64(side.uniform_dev), (n,))
+    else:
+        devs = side.devs.take(idx)
+    if side.single_slot >= 0:
+        slots: npt.NDArray[np.int64] = np.broadcast_to(np.int64(side.single_slot), (n,))
+    else:
+        slots = side.reg_slots.take(idx)
+    return attrs.evolve(side, addrs=side.addrs.take(idx), lengths=lens, devs=devs, reg_slots=slots)
+
+
 class LoopbackBackend(Backend):
     """Reference DRAM backend: same-host copies by cross-memory attach, notifications over a socket.
 
@@ -128,6 +143,9 @@ class LoopbackBackend(Backend):
         num_threads: worker threads for transfers that do not run inline (default 1).
         inline_bytes: transfers up to this many bytes (and 1024 descriptors) complete inside
             ``post`` (default 65536).
+        indexed: "1" keeps each prepared list's whole side (:meth:`prep_side`) and makes
+            requests from index arrays (:meth:`prepare_indexed`): the reference implementation
+            of those hooks, run by the core's tests; default "0" (the core gathers).
     """
 
     name = "LOOPBACK"
@@ -135,7 +153,11 @@ class LoopbackBackend(Backend):
     supports_local = True
     supports_remote = True
     supports_notif = True
-    default_params: ClassVar[Mapping[str, str]] = {"num_threads": "1", "inline_bytes": "65536"}
+    default_params: ClassVar[Mapping[str, str]] = {
+        "num_threads": "1",
+        "inline_bytes": "65536",
+        "indexed": "0",
+    }
 
     @classmethod
     def probe(cls) -> Availability:
@@ -156,6 +178,7 @@ class LoopbackBackend(Backend):
         try:
             threads = int(params.get("num_threads", 1))
             self._inline = int(params.get("inline_bytes", 65536))
+            self._indexed = str(params.get("indexed", "0")).strip().lower() in ("1", "true", "yes")
         except (TypeError, ValueError) as exc:
             raise InvalidParamError(f"LOOPBACK params: {exc}") from exc
         if threads < 1:
@@ -178,6 +201,9 @@ class LoopbackBackend(Backend):
             threads, thread_name_prefix="nixl-loopback"
         )
         self._closed = False
+        #: Counters of the indexed hooks (read by tests).
+        self.sides_prepped = 0
+        self.indexed_made = 0
         # A receive thread drains the socket as datagrams arrive: the kernel queues only a few
         # (net.unix.max_dgram_qlen), and a sender must not block because this agent's user has
         # not called get_notifs() yet. get_notifs() drains too; both drain under one lock, so
@@ -258,6 +284,34 @@ class LoopbackBackend(Backend):
         else:
             nbytes = int(local.lengths.sum(dtype=np.uint64))
         return _Request(op, pid, peer, local, remote, nbytes)
+
+    def prep_side(self, side: XferSide, peer: str) -> Any:
+        """With ``indexed=1``: the whole side is the state (its columns are gathered by index)."""
+        if not self._indexed:
+            return None
+        self.sides_prepped += 1
+        return side
+
+    def prepare_indexed(
+        self,
+        op: XferOp,
+        local_state: Any,
+        local_idx: npt.NDArray[np.integer[Any]],
+        remote_state: Any,
+        remote_idx: npt.NDArray[np.integer[Any]],
+        peer: str,
+    ) -> BackendRequest:
+        """Gather both sides by index (numpy) and prepare as usual."""
+        assert isinstance(local_state, XferSide) and isinstance(remote_state, XferSide)
+        n = int(local_idx.size)
+        if local_state.uniform_len >= 0:
+            lens: U64 = np.broadcast_to(np.uint64(local_state.uniform_len), (n,))
+        else:
+            lens = local_state.lengths.take(local_idx)
+        self.indexed_made += 1
+        return self.prepare(
+            op, _pick(local_state, local_idx, lens), _pick(remote_state, remote_idx, lens), peer
+        )
 
     @staticmethod
     def _iovecs(req: _Request) -> tuple[U64, U64]:

@@ -31,7 +31,7 @@ import numpy.typing as npt
 
 from nixl_core._malloc import tune_malloc
 from nixl_core._plugins import INSTALL_HINTS, get_plugin_manager
-from nixl_core.backend import Backend, XferOp, XferSide
+from nixl_core.backend import Backend, BackendRequest, XferOp, XferSide
 from nixl_core.descriptors import DescList, RegDescList, as_descs, as_reg_descs
 from nixl_core.errors import (
     BackendUnavailableError,
@@ -100,6 +100,9 @@ class _Section:
         self.blobs: dict[str, dict[int, bytes]] = {}
         self.metas: dict[int, bytes] = {}
         self.next_slot = 0
+        # Bumped whenever registrations leave the section: backend states cached on prepared
+        # lists (Backend.prep_side) from an older epoch are rebuilt.
+        self.epoch = 0
 
     def table(self, mem_type: MemType) -> RegTable:
         t = self.tables.get(mem_type)
@@ -280,6 +283,25 @@ class _Cols:
 def _slots_of(slots: I64 | None, n: int, single: int) -> I64:
     """Per-descriptor slots from what ``_resolve`` returned."""
     return slots if slots is not None else _const(n, single, np.int64)
+
+
+def _index_runs(li: npt.NDArray[np.integer[Any]], ri: npt.NDArray[np.integer[Any]]) -> bool:
+    """Whether merging could change a request made with these indices.
+
+    Only neighbours whose indices are consecutive in both lists are counted (they are the ones
+    that join in lists laid out in address order). Mirrors :meth:`_Cols.merge`'s rule that a
+    handful of joins in a long list is not worth merging.
+    """
+    n = li.size
+    if n < 2:
+        return False
+    step = li[1:] - li[:-1] == 1
+    if not step.any():
+        return False
+    if ri is not li:
+        step &= ri[1:] - ri[:-1] == 1
+    joins = int(np.count_nonzero(step))
+    return joins > 0 and not (n > 4096 and joins * 64 < n)
 
 
 def _take(p: PreppedList, idx: npt.NDArray[np.integer[Any]], n: int) -> tuple[U64, U64, I64]:
@@ -519,6 +541,7 @@ class Agent:
                 )
             assert table is not None
             slots = table.slots_at(pos)
+            sec.epoch += 1
             targets = self._pick(backends) if backends else list(self._backends.values())
             for b in targets:
                 hmap = sec.handles.get(b.name)
@@ -1040,6 +1063,15 @@ class Agent:
             wanted = {x.upper() for x in backends}
             cands = [b for b in cands if b in wanted]
         backend = self._choose(xop, local.mem_type, remote.mem_type, remote.peer, cands)
+        if backend.takes_indices:
+            ls = self._side_state(local, backend)
+            rs = self._side_state(remote, backend) if ls is not None else None
+            if rs is not None and not (merge and _index_runs(li, ri)):
+                total = n * ulen if ulen >= 0 else int(lens.sum(dtype=np.uint64))
+                breq = backend.prepare_indexed(xop, ls, li, rs, ri, remote.peer)
+                return self._request(
+                    xop, backend, breq, remote.peer, remote.generation, notif, n, total
+                )
         l_addr, l_dev, l_slot = _take(local, li, n)
         r_addr, r_dev, r_slot = _take(remote, ri, n)
         cols = _Cols(
@@ -1062,6 +1094,30 @@ class Agent:
             notif,
             merge,
         )
+
+    def _side_state(self, p: PreppedList, backend: Backend) -> Any:
+        """The backend's :meth:`~Backend.prep_side` state of a prepared list, cached on it."""
+        sec, _, suffix = self._side(p.peer)
+        ent = p._bstate.get(backend.name)
+        if ent is not None:
+            if ent[0] is backend and ent[1] == sec.epoch:
+                return ent[2]
+            p._drop_states()  # registrations changed since: rebuild
+        n = len(p)
+        side = XferSide(
+            p.mem_type,
+            p.addrs,
+            _const(n, p.uniform_len, np.uint64) if p.uniform_len >= 0 else p.lens,
+            _const(n, p.uniform_dev, np.uint64) if p.uniform_dev >= 0 else p.devs,
+            _slots_of(p._slots, n, p.single_slot),
+            sec.handles[backend.name + suffix],
+            p.uniform_len,
+            p.uniform_dev,
+            p.single_slot,
+        )
+        state = backend.prep_side(side, p.peer)
+        p._bstate[backend.name] = (backend, sec.epoch, state)
+        return state
 
     def create(
         self,
@@ -1165,6 +1221,21 @@ class Agent:
             cols.r_uslot,
         )
         breq = backend.prepare(op, lside, rside, peer)
+        return self._request(
+            op, backend, breq, peer, gen, notif, int(cols.lens.shape[0]), cols.total_bytes()
+        )
+
+    def _request(
+        self,
+        op: XferOp,
+        backend: Backend,
+        breq: BackendRequest,
+        peer: str,
+        gen: int,
+        notif: bytes | str | None,
+        desc_count: int,
+        total_bytes: int,
+    ) -> XferRequest:
         req = XferRequest(
             self,
             backend,
@@ -1172,8 +1243,8 @@ class Agent:
             op,
             peer,
             notif.encode() if isinstance(notif, str) else notif,
-            int(cols.lens.shape[0]),
-            cols.total_bytes(),
+            desc_count,
+            total_bytes,
             gen,
             self._on_error,
         )
@@ -1195,9 +1266,9 @@ class Agent:
         self._requests.discard(req)
 
     # thin wrappers in NIXL's spirit -------------------------------------------------
-    def post(self, req: XferRequest, notif: Any = ...) -> Any:
+    def post(self, req: XferRequest, notif: Any = ..., *, stream: Any = None) -> Any:
         """Post a request (see :meth:`XferRequest.post`)."""
-        return req.post() if notif is ... else req.post(notif)
+        return req.post(stream=stream) if notif is ... else req.post(notif, stream=stream)
 
     def check(self, req: XferRequest) -> Any:
         """Check a request (see :meth:`XferRequest.check`)."""

@@ -16,6 +16,21 @@ Lifecycle of a backend instance (one per type per agent)::
     b.post(req, notif) -> DONE | IN_PROGRESS; b.poll(req) -> ...; b.release(req)
     b.deregister(handles); b.close()
 
+Optional hooks (defaults keep the plain path):
+
+- **Prepared-list state.** ``state = b.prep_side(whole_side, peer)`` is called once per
+  (prepared list, backend), the first time ``make`` picks the backend for that list; the core
+  caches the result on the list (dropped, through ``b.release_side(state)``, when the list is
+  released or its registrations change). When both lists have state, ``make`` hands the
+  backend the two states and the index arrays, ``b.prepare_indexed(op, l_state, l_idx,
+  r_state, r_idx, peer)``, instead of gathered columns: a GPU backend keeps the columns
+  resident on the device and gathers them there. ``prep_side`` returning None means "no
+  state for this list": ``make`` then gathers on the host and calls ``prepare``.
+- **CUDA stream order** (``supports_stream``): ``b.post_stream(req, notif, stream)`` starts the
+  transfer after the work queued on the caller's stream, and ``b.completion_event(req)``
+  gives an event that completes with the transfer. Backends without the flag refuse both with
+  :class:`~nixl_core.errors.NotSupportedError` naming themselves, before anything starts.
+
 Capabilities are class attributes. ``supports_remote`` implies ``supports_notif`` (as in NIXL).
 ``probe()`` must never raise: it says whether the backend can run here and, if not, why.
 """
@@ -172,6 +187,8 @@ class Backend(abc.ABC):
         supports_local: transfers within the agent (loopback, storage).
         supports_remote: transfers to other agents; implies supports_notif.
         supports_notif: can deliver notifications.
+        supports_stream: :meth:`post_stream` and :meth:`completion_event` work (CUDA stream
+            order without a host synchronize).
         default_params: advertised parameters and their defaults (strings, as NIXL).
         install_hint: how to install the distribution that provides it.
     """
@@ -181,8 +198,15 @@ class Backend(abc.ABC):
     supports_local: ClassVar[bool] = True
     supports_remote: ClassVar[bool] = False
     supports_notif: ClassVar[bool] = False
+    supports_stream: ClassVar[bool] = False
     default_params: ClassVar[Mapping[str, str]] = {}
     install_hint: ClassVar[str] = ""
+    #: Set for subclasses that override :meth:`prepare_indexed` (read by ``make``).
+    takes_indices: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.takes_indices = cls.prepare_indexed is not Backend.prepare_indexed
 
     def __init__(self, agent_name: str, params: Mapping[str, Any]) -> None:
         self.agent_name = agent_name
@@ -251,12 +275,92 @@ class Backend(abc.ABC):
     def prepare(self, op: XferOp, local: XferSide, remote: XferSide, peer: str) -> BackendRequest:
         """Build a request once; it may be posted many times."""
 
+    def prep_side(self, side: XferSide, peer: str) -> Any:
+        """Optional: state kept with a prepared list for :meth:`prepare_indexed` (default None).
+
+        Called once per (prepared list, backend), the first time ``make`` picks this backend
+        for the list; the result is cached on the list. Only backends that override
+        :meth:`prepare_indexed` are asked.
+
+        Args:
+            side: the whole prepared list, unmerged, as :meth:`prepare` would see it
+                (``slot_handles`` are this backend's handles for the list's registrations).
+            peer: "" for the initiator's own memory, else the agent whose memory it is (this
+                agent's own name for loopback).
+
+        Returns:
+            Any object (e.g. device-resident columns), or None to have ``make`` use the plain
+            path (host gather + :meth:`prepare`) for requests made from this list.
+
+        Raises:
+            NixlError: the list can never be carried by this backend (e.g. memory it cannot
+                map); ``make`` raises it.
+        """
+        return None
+
+    def release_side(self, state: Any) -> None:  # noqa: B027  (optional hook, default no-op)
+        """Free what :meth:`prep_side` returned (the list was released or went stale)."""
+
+    def prepare_indexed(
+        self,
+        op: XferOp,
+        local_state: Any,
+        local_idx: npt.NDArray[np.integer[Any]],
+        remote_state: Any,
+        remote_idx: npt.NDArray[np.integer[Any]],
+        peer: str,
+    ) -> BackendRequest:
+        """Optional: build a request from two prepared lists' states and index arrays.
+
+        ``make`` calls it instead of :meth:`prepare` when both lists have state from
+        :meth:`prep_side`. The core has already checked the indices (1-D, in range, equal
+        counts) and that paired lengths are equal. Descriptors arrive unmerged: the core only
+        takes this path when merging would not change the request (``merge=False``, or no two
+        neighbouring pairs are consecutive in both index arrays).
+
+        Args:
+            op: READ or WRITE.
+            local_state: :meth:`prep_side` of the initiator's list.
+            local_idx: (N,) integer indices into the local list (any integer dtype).
+            remote_state: :meth:`prep_side` of the peer's list.
+            remote_idx: (N,) indices into the remote list; may be the same array object as
+                ``local_idx``.
+            peer: the remote agent's name (this agent's own name for loopback).
+        """
+        raise NotSupportedError(f"backend {self.name} does not prepare from index arrays")
+
     @abc.abstractmethod
     def post(self, req: BackendRequest, notif: bytes | None) -> XferStatus:
         """Start the transfer; DONE if it finished inline, else IN_PROGRESS; ERROR sets req.error.
 
         ``notif`` (when not None) must reach the peer only after the data is visible there.
         """
+
+    def post_stream(self, req: BackendRequest, notif: bytes | None, stream: Any) -> XferStatus:
+        """Like :meth:`post`, but the transfer starts after the work queued on ``stream``.
+
+        Only for ``supports_stream`` backends; the wait happens on the device (no host
+        synchronize). ``stream`` is whatever the backend documents (for CUDA: a cupy, torch or
+        cuda.core stream, or a raw ``cudaStream_t``).
+
+        Raises:
+            NotSupportedError: the backend has no stream order (names it).
+        """
+        raise NotSupportedError(
+            f"backend {self.name} cannot order a transfer after a stream (post(stream=...)); "
+            "synchronize the stream and post without it"
+        )
+
+    def completion_event(self, req: BackendRequest) -> Any:
+        """An event (e.g. a ``cupy.cuda.Event``) that completes with the request's last post.
+
+        Raises:
+            NotSupportedError: the backend has no completion events (names it).
+        """
+        raise NotSupportedError(
+            f"backend {self.name} has no completion events; wait for the request with "
+            "check() / wait()"
+        )
 
     @abc.abstractmethod
     def poll(self, req: BackendRequest) -> XferStatus:

@@ -20,6 +20,7 @@ from nixl_core.backend import Backend, BackendRequest, XferOp, XferStatus
 from nixl_core.errors import (
     NixlError,
     NotPostedError,
+    NotSupportedError,
     RepostActiveError,
     TransferCanceledError,
     TransferError,
@@ -91,6 +92,7 @@ class PreppedList:
     """
 
     __slots__ = (
+        "_bstate",
         "_devs",
         "_lens",
         "_slots",
@@ -127,6 +129,9 @@ class PreppedList:
         self.uniform_len, self.uniform_dev, self.single_slot = uniform_len, uniform_dev, single_slot
         self._lens: U64 | None = None
         self._devs: U64 | None = None
+        # backend name -> (backend, registration epoch, Backend.prep_side's state); filled by
+        # Agent.make for backends that take index arrays.
+        self._bstate: dict[str, tuple[Backend, int, Any]] = {}
         self.released = False
 
     @property
@@ -157,9 +162,17 @@ class PreppedList:
         who = self.peer or "<local>"
         return f"PreppedList({who}, {self.mem_type.value}, n={len(self)}, backends={self.backends})"
 
+    def _drop_states(self) -> None:
+        """Hand every cached backend state back to its backend."""
+        states, self._bstate = self._bstate, {}
+        for backend, _, state in states.values():
+            if state is not None:
+                backend.release_side(state)
+
     def release(self) -> None:
         """Forget the list (idempotent). Requests already made from it stay valid."""
         self.released = True
+        self._drop_states()
 
     def __enter__(self) -> PreppedList:
         return self
@@ -254,19 +267,58 @@ class XferRequest:
             raise NotPostedError(f"{self!r} was released")
         return self._breq
 
+    @property
+    def backend_request(self) -> BackendRequest:
+        """The backend's request behind this one (for the backend's own helper methods).
+
+        Raises:
+            NotPostedError: the request was released.
+        """
+        return self._live()
+
+    def completion_event(self) -> Any:
+        """An event that completes with the last post, from backends with stream order.
+
+        For NVLINK a ``cupy.cuda.Event``: ``stream.wait_event(req.completion_event())`` lets a
+        consumer kernel use the data without a host round trip.
+
+        Raises:
+            NotSupportedError: the backend has no completion events (names it).
+            NotPostedError: the request was never posted, or was released.
+        """
+        if not self.backend.supports_stream:
+            raise NotSupportedError(
+                f"backend {self.backend_name} has no completion events; wait for {self!r} "
+                "with check() / wait()"
+            )
+        breq = self._live()
+        if self.status is XferStatus.PENDING:
+            raise NotPostedError(f"{self!r} was never posted")
+        return self.backend.completion_event(breq)
+
     # ---------------------------------------------------------------- state machine
-    def post(self, notif: bytes | str | _Keep | None = KEEP) -> XferStatus:
+    def post(self, notif: bytes | str | _Keep | None = KEEP, *, stream: Any = None) -> XferStatus:
         """Start the transfer; returns DONE or IN_PROGRESS.
 
         Args:
             notif: replaces the notification given at creation (None = send none); omit to keep.
+            stream: start only after the work queued on this stream (CUDA backends with
+                ``supports_stream``: a cupy, torch or cuda.core stream, or a raw
+                ``cudaStream_t``); the wait happens on the device, the host does not block.
 
         Raises:
+            NotSupportedError: ``stream`` given to a backend without stream order (names the
+                backend; the request is left as it was).
             RepostActiveError: the request is still in progress.
             StaleHandleError / UnknownAgentError: the peer's metadata was removed or replaced.
             TransferError: the backend failed to start it (status becomes ERROR).
         """
         breq = self._live()
+        if stream is not None and not self.backend.supports_stream:
+            raise NotSupportedError(
+                f"backend {self.backend_name} cannot order a transfer after a stream "
+                "(post(stream=...)); synchronize the stream and post without it"
+            )
         if (
             self.status is XferStatus.IN_PROGRESS
             and self.poll_backend(breq) is XferStatus.IN_PROGRESS
@@ -280,7 +332,10 @@ class XferRequest:
         self._t0_wall = time.time_ns()
         self._t0 = time.perf_counter_ns()
         try:
-            st = self.backend.post(breq, self.notif)
+            if stream is None:
+                st = self.backend.post(breq, self.notif)
+            else:
+                st = self.backend.post_stream(breq, self.notif, stream)
         except NixlError as exc:
             self._t_post = time.perf_counter_ns()
             self._fail(exc)

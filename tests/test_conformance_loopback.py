@@ -18,3 +18,10 @@ class TestLoopback(
     """Every suite against LOOPBACK (DRAM; remote = a second process on this host)."""
 
     backend_name = "LOOPBACK"
+
+
+class TestLoopbackIndexed(LocalXferSuite, BackendFixtures):
+    """The local-transfer suite with LOOPBACK's reference prep_side / prepare_indexed hooks on."""
+
+    backend_name = "LOOPBACK"
+    params = {"indexed": "1"}  # noqa: RUF012  (read-only class data, as in BackendFixtures)

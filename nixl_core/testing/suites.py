@@ -25,6 +25,7 @@ from nixl_core.errors import (
     MemTypeError,
     MetadataError,
     NotPostedError,
+    NotSupportedError,
     RegistrationError,
     RepostActiveError,
     StaleHandleError,
@@ -245,6 +246,66 @@ class LocalXferSuite:
         got = self.host(src).reshape(n, blk)
         want = self.pattern(OTHER_SEED, n * blk).reshape(n, blk)
         np.testing.assert_array_equal(got[li], want[ri])
+
+    def test_prepped_lists_serve_many_makes(
+        self, agent: Agent, buffer_factory: BufferFactory, mem_type: str
+    ) -> None:
+        """Lists prepared once serve many makes (any index arrays, reused, both ops, unmerged).
+
+        Backends that keep state with a prepared list (``prep_side`` / ``prepare_indexed``)
+        build it on the first make; every later make must still move exactly its indices.
+        """
+        n, blk = 512, 128
+        src, dst, (s_addr, s_dev), (d_addr, d_dev) = self.registered_pair(
+            agent, buffer_factory, mem_type, n * blk
+        )
+        lp = agent.prep("", DescList.strided(mem_type, s_addr, blk, n, blk, s_dev))
+        rp = agent.prep(agent.name, DescList.strided(mem_type, d_addr, blk, n, blk, d_dev))
+        want_src = self.pattern(SRC_SEED, n * blk).reshape(n, blk)
+        rng = np.random.default_rng(11)
+        for k, (m, merge) in enumerate(((n, True), (n // 3, True), (n // 2, False), (1, True))):
+            li = rng.permutation(n)[:m].astype(np.int32 if k % 2 else np.int64)
+            ri = li if k == 2 else rng.permutation(n)[:m]
+            self.fill(dst, OTHER_SEED)
+            with agent.make("WRITE", lp, li, rp, ri, merge=merge) as req:
+                assert req.total_bytes == m * blk
+                req.post()
+                assert req.wait(self.xfer_timeout) is XferStatus.DONE
+            got = self.host(dst).reshape(n, blk)
+            want = self.pattern(OTHER_SEED, n * blk).reshape(n, blk)
+            want[ri] = want_src[li]
+            np.testing.assert_array_equal(got, want, err_msg=f"make {k} ({m} descriptors)")
+        # READ back through the same prepared lists, with one index array for both sides.
+        self.fill(src, OTHER_SEED)
+        every = rng.permutation(n)
+        with agent.make("READ", lp, every, rp, every) as req:
+            req.post()
+            assert req.wait(self.xfer_timeout) is XferStatus.DONE
+        np.testing.assert_array_equal(self.host(src), self.host(dst))
+
+    def test_stream_order_refused_by_name(
+        self, agent: Agent, buffer_factory: BufferFactory, mem_type: str
+    ) -> None:
+        """Without ``supports_stream``, post(stream=) and completion_event() raise, naming the
+        backend, and leave the request as it was (never a silently ignored stream)."""
+        if agent.backend(self.backend_name).supports_stream:
+            pytest.skip(f"backend {self.backend_name} supports stream order (its own tests)")
+        src = buffer_factory(mem_type, 4096, SRC_SEED)
+        dst = buffer_factory(mem_type, 4096)
+        agent.register(src)
+        agent.register(dst)
+        with agent.create(
+            "WRITE", self._whole(src, mem_type), self._whole(dst, mem_type), agent.name
+        ) as req:
+            with pytest.raises(NotSupportedError, match=self.backend_name):
+                req.post(stream=object())
+            assert req.status is XferStatus.PENDING
+            with pytest.raises(NotSupportedError, match=self.backend_name):
+                req.completion_event()
+            req.post()
+            assert req.wait(self.xfer_timeout) is XferStatus.DONE
+            with pytest.raises(NotSupportedError, match=self.backend_name):
+                req.completion_event()
 
     def test_repost_after_completion(
         self, agent: Agent, buffer_factory: BufferFactory, mem_type: str
