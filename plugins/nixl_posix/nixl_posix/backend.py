@@ -812,7 +812,9 @@ class PosixBackend(Backend):
             return self._prepare_vram(op, gpu, fds, offs, addrs, lens, desc, files, engine)
         flags: int | npt.NDArray[np.uint8] = 0
         total = int(lens.sum(dtype=np.uint64))
-        if engine is self._uring and total > self._inline_max:
+        # O_DIRECT I/O is asynchronous when submitted inline (the kernel queues it to the device
+        # and returns); flagging it async would make a worker thread block on each I/O instead.
+        if engine is self._uring and total > self._inline_max and direct is None:
             from nixl_posix._uring import SQE_ASYNC
 
             # A small request is served inside io_uring_enter (no worker hand-off, DONE when post

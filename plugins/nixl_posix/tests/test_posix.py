@@ -287,6 +287,8 @@ def test_bad_params() -> None:
         PosixBackend("x", {"engine": "fast"})
     with pytest.raises(InvalidParamError, match="max_io_size"):
         PosixBackend("x", {"max_io_size": 10})
+    with pytest.raises(InvalidParamError, match="staging_bytes"):
+        PosixBackend("x", {"staging_bytes": 1 << 20})
 
 
 def test_many_small_descriptors_from_prepped_lists(agent: Agent, tmp_path: Path) -> None:
