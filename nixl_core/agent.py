@@ -1045,9 +1045,9 @@ class Agent:
             raise LengthMismatchError(f"{n} local indices but {ri.size} remote indices")
         self._check_generation(remote.peer, remote.generation)
         ulen = -1
+        lens: U64 | None = None  # gathered only when lengths differ
         if local.uniform_len >= 0 and local.uniform_len == remote.uniform_len:
             ulen = local.uniform_len
-            lens = _const(n, ulen, np.uint64)
         else:
             lens = local.lens.take(li)
             ne = lens != remote.lens.take(ri)
@@ -1067,7 +1067,7 @@ class Agent:
             ls = self._side_state(local, backend)
             rs = self._side_state(remote, backend) if ls is not None else None
             if rs is not None and not (merge and _index_runs(li, ri)):
-                total = n * ulen if ulen >= 0 else int(lens.sum(dtype=np.uint64))
+                total = n * ulen if lens is None else int(lens.sum(dtype=np.uint64))
                 breq = backend.prepare_indexed(xop, ls, li, rs, ri, remote.peer)
                 return self._request(
                     xop, backend, breq, remote.peer, remote.generation, notif, n, total
@@ -1076,7 +1076,7 @@ class Agent:
         r_addr, r_dev, r_slot = _take(remote, ri, n)
         cols = _Cols(
             (l_addr, r_addr),
-            lens,
+            _const(n, ulen, np.uint64) if lens is None else lens,
             (l_dev, r_dev),
             (l_slot, r_slot),
             ulen,
