@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-__all__ = ["COPY_KERNEL", "Cuda", "load"]
+__all__ = ["COPY_KERNEL", "GATHER_KERNEL", "Cuda", "load"]
 
 #: One warp copies one descriptor (the host splits descriptors into chunks of at most
 #: ``chunk_bytes``), so a transfer of 65536 4 KiB blocks and one of 32 16 MiB blocks both fill
@@ -74,6 +74,27 @@ nvl_copy(const u64* __restrict__ src, const u64* __restrict__ dst, const u64* __
 }
 """
 
+#: Builds a request's (source, destination, length) table from two prepared lists' device-resident
+#: columns and the request's index arrays: one thread per descriptor (``make`` on the GPU).
+#: ``ulen`` >= 0 is the common length (``ll`` is then not read).
+GATHER_KERNEL = r"""
+typedef unsigned long long u64;
+extern "C" __global__ void nvl_gather(const u64* __restrict__ lp, const u64* __restrict__ rp,
+                                      const u64* __restrict__ ll, const int* __restrict__ li,
+                                      const int* __restrict__ ri, u64* __restrict__ src,
+                                      u64* __restrict__ dst, u64* __restrict__ len, long long n,
+                                      long long ulen, int write) {
+    for (long long k = blockIdx.x * (long long)blockDim.x + threadIdx.x; k < n;
+         k += (long long)gridDim.x * blockDim.x) {
+        const int a = li[k];
+        const u64 lv = lp[a], rv = rp[ri[k]];
+        src[k] = write ? lv : rv;
+        dst[k] = write ? rv : lv;
+        len[k] = ulen >= 0 ? (u64)ulen : ll[a];
+    }
+}
+"""
+
 #: Threads per block of the copy kernel (8 warps).
 BLOCK_THREADS = 256
 WARPS_PER_BLOCK = BLOCK_THREADS // 32
@@ -110,6 +131,7 @@ class Cuda:
         self.rt: Any = cupy.cuda.runtime
         self.drv: Any = driver
         self._kernel: Any = None
+        self._gather: Any = None
         self._sm_count: dict[int, int] = {}
         self._uuids: dict[int, bytes] | None = None
 
@@ -240,6 +262,12 @@ class Cuda:
         if self._kernel is None:
             self._kernel = self.cupy.RawKernel(COPY_KERNEL, "nvl_copy", options=("-std=c++17",))
         return self._kernel
+
+    def gather_kernel(self) -> Any:
+        """The table-gather kernel of ``make`` (compiled once per process, like :meth:`kernel`)."""
+        if self._gather is None:
+            self._gather = self.cupy.RawKernel(GATHER_KERNEL, "nvl_gather")
+        return self._gather
 
     def grid_for(self, dev: int, chunks: int, per_sm: int = BLOCKS_PER_SM) -> int:
         """Blocks for ``chunks`` warp-sized work items on GPU ``dev``: enough to fill it, no more."""

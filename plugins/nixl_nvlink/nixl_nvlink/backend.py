@@ -22,10 +22,16 @@ How it works:
 - **Notifications** go over a Unix datagram socket the backend owns, sent once the transfer's
   event has completed (by whichever of ``poll`` or the backend's notifier thread sees it first),
   so the data is visible before the notification arrives.
-- **Stream order and device access** (backend methods, reached through
-  ``agent.backend("NVLINK")``): :meth:`NvlinkBackend.stream_order` / :meth:`post_after` make a
-  post wait on the caller's CUDA stream, :meth:`completion_event` gives a transfer's CUDA event,
-  and :meth:`mem_view` returns a device array of mapped pointers for the caller's own kernels.
+- **Prepared lists on the GPU.** ``prep`` lists keep a device-resident copy of their pointer
+  (and length) columns (:meth:`NvlinkBackend.prep_side`, built on the first ``make``); ``make``
+  uploads only the request's index arrays (int32) and one gather kernel writes the table on the
+  backend's stream (:meth:`NvlinkBackend.prepare_indexed`). Lists with descriptors longer than
+  ``chunk_bytes`` gather on the host (they are few) and upload the chunked table.
+- **Stream order and device access**: ``req.post(stream=s)`` makes the copy wait on the caller's
+  CUDA stream on the GPU, ``req.completion_event()`` gives the transfer's CUDA event; the backend
+  also offers :meth:`NvlinkBackend.stream_order` / :meth:`post_after` (the same, for code that
+  posts through other layers) and :meth:`mem_view`, a device array of mapped pointers for the
+  caller's own kernels.
 """
 
 from __future__ import annotations
@@ -63,6 +69,7 @@ from nixl_core.errors import (
     UnknownAgentError,
 )
 from nixl_core.memory import MemType
+from nixl_core.xfer import XferRequest
 from nixl_nvlink._wire import (
     KIND_DEVICE,
     KIND_HOST,
@@ -150,6 +157,28 @@ class _RemoteReg:
 _Reg = _LocalReg | _RemoteReg
 
 
+class _SideState:
+    """A prepared list as NVLINK keeps it (:meth:`NvlinkBackend.prep_side`).
+
+    ``ptrs`` are device addresses (peer addresses already mapped into this process); ``lens`` is
+    None when every descriptor has length ``ulen``. ``cols`` holds, per GPU, the device copy
+    (rows: pointers, then lengths when they differ), uploaded on the backend's stream of that GPU.
+    """
+
+    __slots__ = ("cols", "devs", "host", "lens", "max_len", "ptrs", "ulen")
+
+    def __init__(
+        self, ptrs: U64, lens: U64 | None, ulen: int, max_len: int, devs: set[int], host: bool
+    ) -> None:
+        self.ptrs = ptrs
+        self.lens = lens
+        self.ulen = ulen
+        self.max_len = max_len
+        self.devs = devs
+        self.host = host
+        self.cols: dict[int, Any] = {}
+
+
 class _Request(BackendRequest):
     __slots__ = (
         "args",
@@ -157,6 +186,7 @@ class _Request(BackendRequest):
         "dev",
         "event",
         "grid",
+        "keep",
         "notif",
         "op",
         "peer",
@@ -179,6 +209,7 @@ class _Request(BackendRequest):
         self.wait_event: Any = None
         self.notif: bytes | None = None
         self.posted = False
+        self.keep: tuple[Any, ...] = ()  # device arrays the gather kernel reads
 
 
 def _stream_handle(stream: Any) -> int:
@@ -207,6 +238,9 @@ class NvlinkBackend(Backend):
             warp (default 16384; a multiple of 16, at least 512).
         blocks_per_sm: the copy kernel's grid, in 256-thread blocks per multiprocessor
             (default 8).
+        device_gather: "1" (default): prepared lists keep their columns on the GPU and ``make``
+            gathers the table there; "0": ``make`` gathers on the host and uploads the table
+            (the path of ``create``; for comparisons).
     """
 
     name = "NVLINK"
@@ -214,7 +248,12 @@ class NvlinkBackend(Backend):
     supports_local = True
     supports_remote = True
     supports_notif = True
-    default_params: ClassVar[Mapping[str, str]] = {"chunk_bytes": "16384", "blocks_per_sm": "8"}
+    supports_stream = True
+    default_params: ClassVar[Mapping[str, str]] = {
+        "chunk_bytes": "16384",
+        "blocks_per_sm": "8",
+        "device_gather": "1",
+    }
     install_hint = "pip install 'nixl-nvlink[cu13]'  (or [cu12])"
 
     @classmethod
@@ -253,6 +292,7 @@ class NvlinkBackend(Backend):
         try:
             self._chunk = int(params.get("chunk_bytes", 16384))
             self._per_sm = int(params.get("blocks_per_sm", 8))
+            self._device_gather = str(params.get("device_gather", "1")).strip() not in ("0", "")
         except (TypeError, ValueError) as exc:
             raise InvalidParamError(f"NVLINK params: {exc}") from exc
         if not 1 <= self._per_sm <= 32:
@@ -269,6 +309,7 @@ class NvlinkBackend(Backend):
         self._cu = _cuda.load()
         self._cp: Any = self._cu.cupy
         self._kernel = self._cu.kernel()
+        self._gather = self._cu.gather_kernel()
         self._pid = os.getpid()
         self._boot, self._host = _host_identity()
         self._streams: dict[int, Any] = {}
@@ -556,11 +597,10 @@ class NvlinkBackend(Backend):
         off = (np.arange(owner.size, dtype=np.uint64) - first[owner]) * c
         return src[owner] + off, dst[owner] + off, np.minimum(lens[owner] - off, c)
 
-    def prepare(self, op: XferOp, local: XferSide, remote: XferSide, peer: str) -> BackendRequest:
+    def _route(self, peer: str, ldevs: set[int], rdevs: set[int], host: bool) -> tuple[int, str]:
+        """(GPU the kernel runs on, path) of a transfer; enables peer access it needs."""
         if peer != self.agent_name and peer not in self._peers:
             raise UnknownAgentError(peer)
-        lptr, ldevs, lhost = self._pointers(local, "local")
-        rptr, rdevs, rhost = self._pointers(remote, "remote")
         if len(ldevs) > 1:
             raise NotSupportedError(
                 f"the local descriptors of one NVLINK transfer must lie on one GPU; these span "
@@ -578,8 +618,45 @@ class NvlinkBackend(Backend):
             path = "nvlink:local"
         else:
             path = "nvlink:ipc" if self._peers[peer].pid != self._pid else "nvlink:process"
-        if lhost or rhost:
-            path += "+host"
+        return dev, path + "+host" if host else path
+
+    def _finish(self, req: _Request, d_table: Any, m: int) -> _Request:
+        """Point the copy kernel's arguments at a (3, max(m, 1)) device table."""
+        base = int(d_table.data.ptr)
+        row = int(d_table.shape[1]) * 8
+        req.table = d_table
+        req.chunks = m
+        req.args = (
+            np.uint64(base),
+            np.uint64(base + row),
+            np.uint64(base + 2 * row),
+            np.int64(m),
+        )
+        req.grid = self._cu.grid_for(req.dev, m, self._per_sm)
+        return req
+
+    def _host_table(self, req: _Request, src: U64, dst: U64, lens: U64, max_len: int) -> _Request:
+        """Chunk a table built on the host and upload it (``create``, and long descriptors)."""
+        src, dst, lens = self._chunks(src, dst, lens, max_len)
+        m = int(lens.size)
+        table = np.empty((3, max(m, 1)), np.uint64)
+        table[0, :m] = src
+        table[1, :m] = dst
+        table[2, :m] = lens
+        stream = self._stream(req.dev)
+        with self._cp.cuda.Device(req.dev):
+            d_table = self._cp.empty(table.shape, self._cp.uint64)
+            d_table.set(table, stream=stream)
+            stream.synchronize()
+            req.event = self._cp.cuda.Event(block=False, disable_timing=True)
+        return self._finish(req, d_table, m)
+
+    def prepare(self, op: XferOp, local: XferSide, remote: XferSide, peer: str) -> BackendRequest:
+        if peer != self.agent_name and peer not in self._peers:
+            raise UnknownAgentError(peer)
+        lptr, ldevs, lhost = self._pointers(local, "local")
+        rptr, rdevs, rhost = self._pointers(remote, "remote")
+        dev, path = self._route(peer, ldevs, rdevs, lhost or rhost)
         n = len(local)
         if local.uniform_len >= 0:
             max_len = local.uniform_len
@@ -588,40 +665,124 @@ class NvlinkBackend(Backend):
             lens = np.ascontiguousarray(local.lengths, np.uint64)
             max_len = int(lens.max()) if n else 0
         src, dst = (lptr, rptr) if op is XferOp.WRITE else (rptr, lptr)
-        src, dst, lens = self._chunks(src, dst, lens, max_len)
-        m = int(lens.size)
+        return self._host_table(_Request(op, peer, dev, path), src, dst, lens, max_len)
+
+    # ------------------------------------------------------------------ prepared lists
+    def prep_side(self, side: XferSide, peer: str) -> Any:
+        """Device addresses of a whole prepared list, kept (and uploaded) for ``make``.
+
+        Returns None (``make`` then takes the host path, which raises the per-request error)
+        for initiator lists spanning several GPUs. A peer's DRAM raises NotSupportedError.
+        """
+        if not self._device_gather:
+            return None
+        ptrs, devs, host = self._pointers(side, "local" if peer in _INIT_NAMES else "remote")
+        if peer in _INIT_NAMES and len(devs) > 1:
+            return None
+        n = len(side)
+        lens: U64 | None = None
+        if side.uniform_len >= 0:
+            ulen = max_len = side.uniform_len
+        else:
+            lens = np.ascontiguousarray(side.lengths, np.uint64)
+            ulen, max_len = -1, int(lens.max()) if n else 0
+        st = _SideState(np.ascontiguousarray(ptrs), lens, ulen, max_len, devs, host)
+        if max_len <= self._chunk:  # upload now where the kernel will most likely run
+            self._cols(st, min(devs) if devs else int(self._cp.cuda.runtime.getDevice()))
+        return st
+
+    def release_side(self, state: Any) -> None:
+        if isinstance(state, _SideState):
+            state.cols.clear()  # requests made from it keep the arrays they read
+
+    def _cols(self, st: _SideState, dev: int) -> Any:
+        """The state's device columns on GPU ``dev`` (uploaded once, on the backend's stream)."""
+        cols = st.cols.get(dev)
+        if cols is None:
+            host = st.ptrs[None, :] if st.lens is None else np.stack([st.ptrs, st.lens])
+            stream = self._stream(dev)
+            with self._cp.cuda.Device(dev):
+                cols = self._cp.empty(host.shape, self._cp.uint64)
+                cols.set(host, stream=stream)
+            st.cols[dev] = cols
+        return cols
+
+    def prepare_indexed(
+        self,
+        op: XferOp,
+        local_state: Any,
+        local_idx: npt.NDArray[np.integer[Any]],
+        remote_state: Any,
+        remote_idx: npt.NDArray[np.integer[Any]],
+        peer: str,
+    ) -> BackendRequest:
+        """The request's table, gathered on the GPU from both lists' resident columns.
+
+        One int32 index upload (one array when both sides use the same indices) and one gather
+        kernel, on the backend's stream (the copy kernel follows on it, so no synchronize).
+        """
+        ls, rs = local_state, remote_state
+        assert isinstance(ls, _SideState) and isinstance(rs, _SideState)
+        dev, path = self._route(peer, ls.devs, rs.devs, ls.host or rs.host)
         req = _Request(op, peer, dev, path)
-        req.chunks = m
-        table = np.empty((3, max(m, 1)), np.uint64)
-        table[0, :m] = src
-        table[1, :m] = dst
-        table[2, :m] = lens
+        n = int(local_idx.size)
+        max_len = max(ls.max_len, rs.max_len)
+        if max_len > self._chunk:  # long descriptors: chunk on the host (few descriptors)
+            lptr, rptr = ls.ptrs.take(local_idx), rs.ptrs.take(remote_idx)
+            lens = np.full(n, ls.ulen, np.uint64) if ls.lens is None else ls.lens.take(local_idx)
+            src, dst = (lptr, rptr) if op is XferOp.WRITE else (rptr, lptr)
+            return self._host_table(req, src, dst, lens, max_len)
+        lc, rc = self._cols(ls, dev), self._cols(rs, dev)
+        same = remote_idx is local_idx
+        h_idx = np.empty((1 if same else 2, n), np.int32)
+        h_idx[0] = local_idx
+        if not same:
+            h_idx[1] = remote_idx
+        cp = self._cp
         stream = self._stream(dev)
-        with self._cp.cuda.Device(dev):
-            d_table = self._cp.empty(table.shape, self._cp.uint64)
-            d_table.set(table, stream=stream)
-            stream.synchronize()
-            req.event = self._cp.cuda.Event(block=False, disable_timing=True)
-        base = int(d_table.data.ptr)
-        row = table.shape[1] * 8
-        req.table = d_table
-        req.args = (
-            np.uint64(base),
-            np.uint64(base + row),
-            np.uint64(base + 2 * row),
-            np.int64(m),
-        )
-        req.grid = self._cu.grid_for(dev, m, self._per_sm)
-        return req
+        with cp.cuda.Device(dev):
+            d_idx = cp.empty(h_idx.shape, cp.int32)
+            d_idx.set(h_idx, stream=stream)
+            d_table = cp.empty((3, n), cp.uint64)
+            ip = int(d_idx.data.ptr)
+            tp = int(d_table.data.ptr)
+            lp = int(lc.data.ptr)
+            with stream:
+                self._gather(
+                    (min(-(-n // 256), 4096),),
+                    (256,),
+                    (
+                        np.uint64(lp),
+                        np.uint64(rc.data.ptr),
+                        np.uint64(lp + 8 * int(lc.shape[1])),
+                        np.uint64(ip),
+                        np.uint64(ip + (0 if same else 4 * n)),
+                        np.uint64(tp),
+                        np.uint64(tp + 8 * n),
+                        np.uint64(tp + 16 * n),
+                        np.int64(n),
+                        np.int64(ls.ulen),
+                        np.int32(op is XferOp.WRITE),
+                    ),
+                )
+            req.event = cp.cuda.Event(block=False, disable_timing=True)
+        req.keep = (d_idx, lc, rc)
+        return self._finish(req, d_table, n)
 
     def post(self, req: BackendRequest, notif: bytes | None) -> XferStatus:
+        return self._post(req, notif, getattr(self._tls, "after", None))
+
+    def post_stream(self, req: BackendRequest, notif: bytes | None, stream: Any) -> XferStatus:
+        """Post so that the copy starts after the work queued on ``stream`` (on the GPU)."""
+        return self._post(req, notif, _stream_handle(stream))
+
+    def _post(self, req: BackendRequest, notif: bytes | None, after: int | None) -> XferStatus:
         assert isinstance(req, _Request)
         req.error = None
         dev = req.dev
         stream = self._stream(dev)
         try:
             with self._cp.cuda.Device(dev):
-                after = getattr(self._tls, "after", None)
                 if after is not None:
                     if req.wait_event is None:
                         req.wait_event = self._cp.cuda.Event(block=False, disable_timing=True)
@@ -698,9 +859,15 @@ class NvlinkBackend(Backend):
             # A launched kernel cannot be aborted; it ends within the transfer's duration.
             with contextlib.suppress(Exception):
                 req.event.synchronize()
+        elif req.keep and not req.posted:
+            # Never posted: its gather kernel may still be queued; its arrays go back to the
+            # memory pool only after it ran.
+            with contextlib.suppress(Exception):
+                self._stream(req.dev).synchronize()
         if req.notif is not None:
             self._flush_notif(req)
         req.table = None
+        req.keep = ()
         req.posted = False
 
     # ------------------------------------------------------------------ stream order, events
@@ -730,22 +897,24 @@ class NvlinkBackend(Backend):
     def post_after(self, xfer: Any, stream: Any, notif: Any = ...) -> XferStatus:
         """Post ``xfer`` (an XferRequest) so that it starts after the work queued on ``stream``.
 
-        Equivalent to ``with backend.stream_order(stream): xfer.post(notif)``.
+        The same as ``xfer.post(notif, stream=stream)``.
         """
-        with self.stream_order(stream):
-            st: XferStatus = xfer.post() if notif is ... else xfer.post(notif)
-            return st
+        st: XferStatus = (
+            xfer.post(stream=stream) if notif is ... else xfer.post(notif, stream=stream)
+        )
+        return st
 
     def completion_event(self, xfer: Any) -> Any:
         """The CUDA event (a ``cupy.cuda.Event``) that completes with ``xfer``'s last post.
 
         Make a stream wait on it (``stream.wait_event(ev)``) to consume the data on the GPU
-        without a host round trip. Accepts an XferRequest or this backend's request.
+        without a host round trip. Accepts an XferRequest or this backend's request;
+        ``req.completion_event()`` calls it.
 
         Raises:
             InvalidParamError: not an NVLINK request, or never posted.
         """
-        breq = xfer._live() if hasattr(xfer, "_live") else xfer
+        breq = xfer.backend_request if isinstance(xfer, XferRequest) else xfer
         if not isinstance(breq, _Request) or not breq.posted:
             raise InvalidParamError(f"{xfer!r} is not a posted NVLINK transfer")
         return breq.event

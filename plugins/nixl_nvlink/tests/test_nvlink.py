@@ -30,11 +30,12 @@ from nixl_core.descriptors import DescList
 from nixl_core.errors import (
     InvalidDescriptorError,
     MetadataError,
+    NotPostedError,
     NotSupportedError,
 )
 from nixl_core.testing import BackendFixtures, PeerProcess
 
-SRC_SEED, PEER_SEED = 101, 202
+SRC_SEED, PEER_SEED, OTHER_SEED = 101, 202, 303
 
 
 # ---------------------------------------------------------------------------------- everywhere
@@ -265,9 +266,13 @@ class TestNvlinkGpu(BackendFixtures):
         assert "REFUSED:" in out.stdout, out.stdout + out.stderr
         assert "expandable_segments" in out.stdout and "cudaMalloc" in out.stdout
 
-    def test_stream_order_and_completion_event(self, agent: Agent, buffer_factory: Any) -> None:
-        """A post inside stream_order() waits for a slow producer on the caller's stream (no host
-        sync), and a consumer stream waiting on completion_event() sees the copied bytes."""
+    @pytest.mark.parametrize("how", ["post_stream", "post_after"])
+    def test_stream_order_and_completion_event(
+        self, agent: Agent, buffer_factory: Any, how: str
+    ) -> None:
+        """req.post(stream=s) (or the backend's post_after) waits for a slow producer on the
+        caller's stream (no host sync), and a consumer stream waiting on
+        req.completion_event() sees the copied bytes."""
         cp = self.cp()
         nbytes = 1 << 20
         src = buffer_factory("VRAM", nbytes)
@@ -296,13 +301,63 @@ class TestNvlinkGpu(BackendFixtures):
         )
         with user:
             producer((64,), (256,), (src, np.uint64(nbytes)))
-        nv.post_after(req, user)
-        consumer.wait_event(nv.completion_event(req))
+        with pytest.raises(NotPostedError):
+            req.completion_event()
+        if how == "post_stream":
+            assert req.post(stream=user) is XferStatus.IN_PROGRESS
+            consumer.wait_event(req.completion_event())
+        else:
+            nv.post_after(req, user)
+            consumer.wait_event(nv.completion_event(req))
         with consumer:
             total = int(dst.sum(dtype=cp.uint64))
         assert total == 7 * nbytes
         assert req.wait(self.xfer_timeout) is XferStatus.DONE
         req.release()
+
+    @pytest.mark.parametrize("src_mem", ["VRAM", "DRAM"])
+    def test_make_gathers_on_the_gpu(self, agent: Agent, buffer_factory: Any, src_mem: str) -> None:
+        """make() from prepared lists gathers the table on the GPU (index upload + gather
+        kernel) from columns kept resident since the first make; bytes land by index."""
+        n, blk = 4096, 512
+        src = buffer_factory(src_mem, n * blk, SRC_SEED)
+        dst = buffer_factory("VRAM", n * blk)
+        agent.register(src)
+        agent.register(dst)
+        (s, _, sdev), (d, _, ddev) = self.describe(src), self.describe(dst)
+        lp = agent.prep("", DescList.strided(src_mem, s, blk, n, blk, sdev))
+        rp = agent.prep(agent.name, DescList.strided("VRAM", d, blk, n, blk, ddev))
+        rng = np.random.default_rng(29)
+        want_src = self.pattern(SRC_SEED, n * blk).reshape(n, blk)
+        for k in range(3):
+            li, ri = rng.permutation(n)[: n - k], rng.permutation(n)[: n - k]
+            self.fill(dst, OTHER_SEED)
+            with agent.make("WRITE", lp, li, rp, ri) as req:
+                assert req.backend_request.keep, "make took the host path"
+                req.post()
+                assert req.wait(self.xfer_timeout) is XferStatus.DONE
+            want = self.pattern(OTHER_SEED, n * blk).reshape(n, blk)
+            want[ri] = want_src[li]
+            np.testing.assert_array_equal(self.host(dst).reshape(n, blk), want)
+
+    def test_make_with_long_descriptors_chunks_on_the_host(
+        self, agent: Agent, buffer_factory: Any
+    ) -> None:
+        """Prepared lists with descriptors longer than chunk_bytes still copy completely."""
+        n, blk = 8, (1 << 20) + 16
+        src = buffer_factory("VRAM", n * blk, SRC_SEED)
+        dst = buffer_factory("VRAM", n * blk)
+        agent.register(src)
+        agent.register(dst)
+        lp = agent.prep("", DescList.strided("VRAM", self.describe(src)[0], blk, n, blk, 0))
+        rp = agent.prep(agent.name, DescList.strided("VRAM", self.describe(dst)[0], blk, n, blk, 0))
+        perm = np.random.default_rng(31).permutation(n)
+        with agent.make("WRITE", lp, perm, rp, np.arange(n)) as req:
+            assert not req.backend_request.keep
+            req.post()
+            assert req.wait(self.xfer_timeout) is XferStatus.DONE
+        want = self.pattern(SRC_SEED, n * blk).reshape(n, blk)[perm]
+        np.testing.assert_array_equal(self.host(dst).reshape(n, blk), want)
 
     def test_mem_view_gpu_initiated_gather(
         self, agent: Agent, peer: PeerProcess, buffer_factory: Any

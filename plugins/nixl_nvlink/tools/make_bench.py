@@ -1,0 +1,88 @@
+"""make() cost of NVLINK with prepared lists: GPU gather (device_gather=1) vs host gather (=0).
+
+One process, one agent, VRAM -> VRAM on one GPU (path nvlink:local; make's cost does not depend
+on where the remote memory lives, only on the descriptor count). For each batch size, both
+prepared lists hold 65536 4 KiB blocks and every request picks ``batch`` of them with two random
+index arrays (the KV-cache pattern). Prints medians in microseconds:
+
+    make         agent.make(...) alone (the request's table built and resident)
+    post+done    post() to wait() == DONE of that request
+    make+xfer    make, post, wait, release: a request used once
+    GB/s         batch x 4 KiB / (post+done)
+
+    python plugins/nixl_nvlink/tools/make_bench.py [--iters 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import cupy as cp
+import numpy as np
+
+from nixl_core import Agent, DescList
+
+BLK, N = 4096, 65536
+
+
+def run(gather: str, batches: list[int], iters: int) -> list[tuple[int, float, float, float]]:
+    """Rows (batch, make us, post+done us, make+xfer us) for one device_gather setting."""
+    a = Agent(
+        f"mk{gather}", backends=["NVLINK"], backend_params={"NVLINK": {"device_gather": gather}}
+    )
+    try:
+        src = cp.arange(N * BLK, dtype=cp.uint8)
+        dst = cp.zeros(N * BLK, cp.uint8)
+        a.register(src)
+        a.register(dst)
+        lp = a.prep("", DescList.strided("VRAM", src.data.ptr, BLK, N, BLK, 0))
+        rp = a.prep(a.name, DescList.strided("VRAM", dst.data.ptr, BLK, N, BLK, 0))
+        rng = np.random.default_rng(1)
+        rows = []
+        for batch in batches:
+            mk, px, once = [], [], []
+            for i in range(iters + 10):
+                li = rng.permutation(N)[:batch].astype(np.int32)
+                ri = rng.permutation(N)[:batch].astype(np.int32)
+                t0 = time.perf_counter()
+                req = a.make("WRITE", lp, li, rp, ri)
+                t1 = time.perf_counter()
+                req.post()
+                req.wait(30)
+                t2 = time.perf_counter()
+                req.release()
+                t3 = time.perf_counter()
+                if i >= 10:
+                    mk.append((t1 - t0) * 1e6)
+                    px.append((t2 - t1) * 1e6)
+                    once.append((t3 - t0) * 1e6)
+            # correctness of the last request
+            got = cp.asnumpy(dst.reshape(N, BLK)[cp.asarray(ri)])
+            want = cp.asnumpy(src.reshape(N, BLK)[cp.asarray(li)])
+            assert np.array_equal(got, want), f"device_gather={gather} batch={batch}: wrong bytes"
+            rows.append(
+                (batch, statistics.median(mk), statistics.median(px), statistics.median(once))
+            )
+        return rows
+    finally:
+        a.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--iters", type=int, default=200)
+    args = ap.parse_args()
+    batches = [64, 4096, 65536]
+    name = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
+    print(f"# {name}, 4 KiB blocks, prepared lists of {N}, median of {args.iters}, microseconds")
+    print(f"{'path':<22}{'batch':>7}{'make':>10}{'post+done':>11}{'make+xfer':>11}{'GB/s':>9}")
+    for gather, label in (("1", "device gather (new)"), ("0", "host gather + upload")):
+        for batch, mk, px, once in run(gather, batches, args.iters):
+            gbs = batch * BLK / (px * 1e-6) / 1e9
+            print(f"{label:<22}{batch:>7}{mk:>10.1f}{px:>11.1f}{once:>11.1f}{gbs:>9.1f}")
+
+
+if __name__ == "__main__":
+    main()
