@@ -261,7 +261,54 @@ def _stop_queued(
         req.finish(backend)
 
 
-class _UringEngine:
+class _KernelEngine:
+    """What the io_uring and AIO engines share: the request table, the queue of what waits for
+    room in the kernel, the condition the completion thread signals, and release/wait."""
+
+    path = ""
+
+    def __init__(self, backend: str, thread_name: str) -> None:
+        self._backend = backend
+        self._cond = threading.Condition()
+        self._queue: collections.deque[_Request] = collections.deque()
+        self._live: dict[int, _Request] = {}
+        self._ids = itertools.count(1)
+        self._closed = False
+        self._waiters = 0  # threads in block() or cancel(): they need a notify on completions
+        self._thread = threading.Thread(target=self._run, name=thread_name, daemon=True)
+
+    def _new_id(self) -> int:
+        return next(self._ids) & 0x7FFFFFFF or next(self._ids)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def _wait(self, req: _Request, timeout: float) -> bool:
+        """Wait (holding the condition) until ``req`` leaves IN_PROGRESS; False on timeout."""
+        self._waiters += 1
+        try:
+            return self._cond.wait_for(lambda: req.status is not XferStatus.IN_PROGRESS, timeout)
+        finally:
+            self._waiters -= 1
+
+    def block(self, req: _Request, timeout: float) -> None:
+        with self._cond:
+            self._wait(req, timeout)
+
+    def cancel(self, req: _Request, timeout: float) -> None:
+        with self._cond:
+            if req.status is not XferStatus.IN_PROGRESS:
+                return
+            _stop_queued(req, self._queue, self._live, self._backend)
+            # Submitted I/O still reads or writes the caller's buffers: wait for it to end.
+            if req.status is XferStatus.IN_PROGRESS and not self._wait(req, timeout):
+                raise RepostActiveError(
+                    f"POSIX request still has {req.submitted - req.completed} I/Os in the kernel "
+                    f"after {timeout} s"
+                )
+
+
+class _UringEngine(_KernelEngine):
     """Submits requests to one io_uring; a completion thread reaps and submits what waits."""
 
     path = "posix:io_uring"
@@ -269,22 +316,15 @@ class _UringEngine:
     def __init__(self, backend: str, entries: int) -> None:
         from nixl_posix._uring import Ring
 
-        self._backend = backend
+        super().__init__(backend, "nixl-posix-uring")
         self._ring = Ring(entries)
-        self._cond = threading.Condition()
-        self._queue: collections.deque[_Request] = collections.deque()
-        self._live: dict[int, _Request] = {}
-        self._ids = itertools.count(1)
-        self._closed = False
-        self._waiters = 0  # threads in block() or cancel(): they need a notify on completions
-        self._thread = threading.Thread(target=self._run, name="nixl-posix-uring", daemon=True)
         self._thread.start()
 
     def start(self, req: _Request) -> None:
         if not req.id:
             from nixl_posix._uring import OP_READ, OP_WRITE
 
-            req.id = next(self._ids) & 0x7FFFFFFF or next(self._ids)
+            req.id = self._new_id()
             ud = np.arange(req.n, dtype=np.uint64) | np.uint64(req.id << 32)
             opcode = OP_READ if req.op is XferOp.READ else OP_WRITE
             req.prepared = self._ring.entries(
@@ -338,30 +378,6 @@ class _UringEngine:
                 self._pump()
                 self._cond.notify_all()
 
-    def _wait(self, req: _Request, timeout: float) -> bool:
-        """Wait (holding the condition) until ``req`` leaves IN_PROGRESS; False on timeout."""
-        self._waiters += 1
-        try:
-            return self._cond.wait_for(lambda: req.status is not XferStatus.IN_PROGRESS, timeout)
-        finally:
-            self._waiters -= 1
-
-    def block(self, req: _Request, timeout: float) -> None:
-        with self._cond:
-            self._wait(req, timeout)
-
-    def cancel(self, req: _Request, timeout: float) -> None:
-        with self._cond:
-            if req.status is not XferStatus.IN_PROGRESS:
-                return
-            _stop_queued(req, self._queue, self._live, self._backend)
-            # Submitted I/O still reads or writes the caller's buffers: wait for it to end.
-            if req.status is XferStatus.IN_PROGRESS and not self._wait(req, timeout):
-                raise RepostActiveError(
-                    f"POSIX request still has {req.submitted - req.completed} I/Os in the kernel "
-                    f"after {timeout} s"
-                )
-
     def close(self) -> None:
         with self._cond:
             self._closed = True
@@ -372,7 +388,7 @@ class _UringEngine:
         self._ring.close()
 
 
-class _AioEngine:
+class _AioEngine(_KernelEngine):
     """Linux AIO: buffered writes run inside ``io_submit`` (GIL released), in one system call.
 
     A request of at most ``inline_max`` bytes is submitted by ``post`` itself and is DONE when
@@ -384,24 +400,17 @@ class _AioEngine:
     def __init__(self, backend: str, entries: int, inline_max: int) -> None:
         from nixl_posix._aio import AioContext
 
-        self._backend = backend
+        super().__init__(backend, "nixl-posix-aio")
         self._ctx = AioContext(entries)
         self._inline_max = inline_max
-        self._cond = threading.Condition()
-        self._queue: collections.deque[_Request] = collections.deque()
-        self._live: dict[int, _Request] = {}
-        self._ids = itertools.count(1)
         self._reserved = 0  # context slots taken by submitted, unreaped I/O
-        self._closed = False
-        self._waiters = 0
-        self._thread = threading.Thread(target=self._run, name="nixl-posix-aio", daemon=True)
         self._thread.start()
 
     def start(self, req: _Request) -> None:
         if not req.id:
             from nixl_posix._aio import CMD_PREAD, CMD_PWRITE, iocbs
 
-            req.id = next(self._ids) & 0x7FFFFFFF or next(self._ids)
+            req.id = self._new_id()
             data = np.arange(req.n, dtype=np.uint64) | np.uint64(req.id << 32)
             cmd = CMD_PREAD if req.op is XferOp.READ else CMD_PWRITE
             req.prepared = iocbs(cmd, req.fds, req.offs, req.addrs, req.lens, data)
@@ -465,28 +474,6 @@ class _AioEngine:
                 self._reserved -= int(ud.size)
                 _account(self._live, ud, res, self._backend)
                 self._cond.notify_all()
-
-    def _wait(self, req: _Request, timeout: float) -> bool:
-        self._waiters += 1
-        try:
-            return self._cond.wait_for(lambda: req.status is not XferStatus.IN_PROGRESS, timeout)
-        finally:
-            self._waiters -= 1
-
-    def block(self, req: _Request, timeout: float) -> None:
-        with self._cond:
-            self._wait(req, timeout)
-
-    def cancel(self, req: _Request, timeout: float) -> None:
-        with self._cond:
-            if req.status is not XferStatus.IN_PROGRESS:
-                return
-            _stop_queued(req, self._queue, self._live, self._backend)
-            if req.status is XferStatus.IN_PROGRESS and not self._wait(req, timeout):
-                raise RepostActiveError(
-                    f"POSIX request still has {req.submitted - req.completed} I/Os in the kernel "
-                    f"after {timeout} s"
-                )
 
     def close(self) -> None:
         with self._cond:
