@@ -41,5 +41,5 @@ if [ "$what" = make ]; then
     run "${B[@]}" --batch-size 65536 --warmup-iter 3 --num-iter 20 --recreate-xfer
     run "${B[@]}" --batch-size 64 --warmup-iter 100 --num-iter 1000 --recreate-xfer
   } | tee "$OUT/bench_make.txt"
-  timeout 120 python3 plugins/nixl_nvlink/tools/make_bench.py 2>&1 | tee "$OUT/make_bench.txt"
+  timeout 120 python3 plugins/nixl_nvlink/tools/make_bench.py --profile 64 2>&1 | tee "$OUT/make_bench.txt"
 fi

@@ -10,12 +10,16 @@ index arrays (the KV-cache pattern). Prints medians in microseconds:
     make+xfer    make, post, wait, release: a request used once
     GB/s         batch x 4 KiB / (post+done)
 
-    python plugins/nixl_nvlink/tools/make_bench.py [--iters 200]
+    python plugins/nixl_nvlink/tools/make_bench.py [--iters 200] [--profile BATCH]
+
+``--profile`` also prints where make() spends its time (cProfile, device gather) for one batch.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import statistics
 import time
 
@@ -70,9 +74,36 @@ def run(gather: str, batches: list[int], iters: int) -> list[tuple[int, float, f
         a.close()
 
 
+def profile(batch: int, iters: int) -> None:
+    """cProfile of make() + release() with the device gather, ``batch`` descriptors each."""
+    a = Agent("mkprof", backends=["NVLINK"])
+    try:
+        src = cp.zeros(N * BLK, cp.uint8)
+        dst = cp.zeros(N * BLK, cp.uint8)
+        a.register(src)
+        a.register(dst)
+        lp = a.prep("", DescList.strided("VRAM", src.data.ptr, BLK, N, BLK, 0))
+        rp = a.prep(a.name, DescList.strided("VRAM", dst.data.ptr, BLK, N, BLK, 0))
+        rng = np.random.default_rng(2)
+        li = rng.permutation(N)[:batch].astype(np.int32)
+        ri = rng.permutation(N)[:batch].astype(np.int32)
+        for _ in range(20):
+            a.make("WRITE", lp, li, rp, ri).release()
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(iters):
+            a.make("WRITE", lp, li, rp, ri).release()
+        pr.disable()
+        print(f"# cProfile of {iters} x (make + release), batch {batch}")
+        pstats.Stats(pr).sort_stats("tottime").print_stats(14)
+    finally:
+        a.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--profile", type=int, default=0, metavar="BATCH")
     args = ap.parse_args()
     batches = [64, 4096, 65536]
     name = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
@@ -82,6 +113,8 @@ def main() -> None:
         for batch, mk, px, once in run(gather, batches, args.iters):
             gbs = batch * BLK / (px * 1e-6) / 1e9
             print(f"{label:<22}{batch:>7}{mk:>10.1f}{px:>11.1f}{once:>11.1f}{gbs:>9.1f}")
+    if args.profile:
+        profile(args.profile, args.iters)
 
 
 if __name__ == "__main__":
