@@ -225,25 +225,27 @@ def _account(
     if ud.size == 0:
         return
     ids = ud >> np.uint64(32)
-    idx = ud & np.uint64(0xFFFFFFFF)
     rid0 = int(ids[0])
-    one = bool((ids == rid0).all())  # the common case: every completion is one request's
+    one = ud.size == 1 or bool((ids == rid0).all())  # the common case: one request's I/Os
     for rid in [rid0] if one else np.unique(ids).tolist():
         req = live.get(rid)
         if req is None:  # the wake-up no-op
             continue
-        if one:
-            i, r = idx, res
-        else:
-            sel = ids == rid
-            i, r = idx[sel], res[sel]
+        sel = None if one else ids == rid
+        r = res if sel is None else res[sel]
         # A negative result (-errno) wraps to a huge unsigned value: never a valid length.
         got = r.astype(np.uint64)
-        bad = got != (req.uniform_len if req.uniform_len >= 0 else req.lens[i])
+        if req.uniform_len >= 0:
+            bad = got != req.uniform_len
+        else:
+            idx = ud & np.uint64(0xFFFFFFFF)
+            bad = got != req.lens[idx if sel is None else idx[sel]]
+        n_done = int(r.size)
         if bad.any():
             k = int(np.argmax(bad))
+            i = (ud if sel is None else ud[sel]) & np.uint64(0xFFFFFFFF)
             req.fail(int(i[k]), int(r[k]))
-        req.completed += int(i.size)
+        req.completed += n_done
         if req.ended():
             del live[rid]
             req.finish(backend)
