@@ -648,9 +648,11 @@ class UcxBackend(Backend):
             logger.warning(
                 "UCX: %d requests never completed; their memory is leaked", len(self._orphans)
             )
-            self._orphans.clear()
         self._closed = True
         lib.nx_ctx_free(self._ctx)
+        # Only now, with the workers destroyed, can nothing in UCX still read the descriptor
+        # arrays of a request released in flight.
+        self._orphans.clear()
 
     def __del__(self) -> None:
         if not getattr(self, "_closed", True) and hasattr(self, "_ctx"):
