@@ -180,7 +180,10 @@ def _as_index(idx: Any, n: int, what: str) -> npt.NDArray[np.integer[Any]]:
 
 def _const(n: int, value: int, dtype: type[np.generic]) -> npt.NDArray[Any]:
     """A read-only length-``n`` column holding one value, without allocating ``n`` elements."""
-    return np.broadcast_to(dtype(value), (n,))
+    # A stride-0 view of one element (what np.broadcast_to makes, at a third of its cost).
+    col: npt.NDArray[Any] = np.ndarray((n,), dtype, np.array([value], dtype), 0, (0,))
+    col.flags.writeable = False
+    return col
 
 
 def _uniform(col: npt.NDArray[Any]) -> int:
@@ -195,6 +198,14 @@ def _columns(d: DescList) -> tuple[U64, U64, U64]:
     # One transposing copy (a single allocation) gives three contiguous columns.
     t = np.ascontiguousarray(d.array.T)
     return t[0], t[1], t[2]
+
+
+def _bounds(cols: tuple[U64, U64, U64]) -> tuple[list[int], list[int]]:
+    """(min, max) of (addr, len, dev) over a list's columns: two reductions, not six."""
+    t = cols[0].base
+    if isinstance(t, np.ndarray) and t.shape == (3, cols[0].size):  # _columns' (3, N) block
+        return t.min(axis=1).tolist(), t.max(axis=1).tolist()
+    return [int(c.min()) for c in cols], [int(c.max()) for c in cols]
 
 
 class _Cols:
@@ -886,7 +897,7 @@ class Agent:
                 index=0,
             )
         slots: I64 | None = None
-        single = table.sole(*bounds) if bounds is not None else -1
+        single = table.span(*bounds) if bounds is not None else -1
         if single < 0:
             slots = table.lookup(*cols, what=what)
             single = (_uniform(slots) if len(table) > 1 else int(slots[0])) if slots.size else -1
@@ -1166,21 +1177,33 @@ class Agent:
                 f"descriptor {k}: local length {int(lc[1][k])} != remote length {int(rc[1][k])}",
                 index=k,
             )
+        # Bounds of both lists (lengths are shared): they decide the registration check when a
+        # list lies inside one region, and which columns are uniform.
+        (la_min, lmin, ld_min), (la_max, lmax, ld_max) = _bounds(lc)
+        (ra_min, _, rd_min), (ra_max, _, rd_max) = _bounds(rc)
+        lb = (la_min, la_max, lmax, ld_min, ld_max)
+        rb = (ra_min, ra_max, lmax, rd_min, rd_max)
         l_slots, l_found, _, l_single = self._resolve(
-            INIT_AGENT, ld.mem_type, lc, backends, "local descriptor"
+            INIT_AGENT, ld.mem_type, lc, backends, "local descriptor", lb
         )
         r_slots, r_found, gen, r_single = self._resolve(
-            peer, rd.mem_type, rc, backends, "remote descriptor"
+            peer, rd.mem_type, rc, backends, "remote descriptor", rb
         )
         cands = [b for b in l_found if b in r_found]
         backend = self._choose(xop, ld.mem_type, rd.mem_type, peer, cands)
+        n = lc[0].size
+        l_udev = lb[3] if lb[3] == lb[4] else -1
+        r_udev = rb[3] if rb[3] == rb[4] else -1
         cols = _Cols(
             (lc[0], rc[0]),
             lc[1],
-            (lc[2], rc[2]),
-            (_slots_of(l_slots, lc[0].size, l_single), _slots_of(r_slots, rc[0].size, r_single)),
+            (_const(n, l_udev, np.uint64) if l_udev >= 0 else lc[2],
+             _const(n, r_udev, np.uint64) if r_udev >= 0 else rc[2]),
+            (_slots_of(l_slots, n, l_single), _slots_of(r_slots, n, r_single)),
+            ulen=lmin if lmin == lmax else -1,
+            udevs=(l_udev, r_udev),
             uslots=(l_single, r_single),
-        )
+        )  # fmt: skip
         return self._build(xop, backend, peer, gen, ld.mem_type, rd.mem_type, cols, notif, merge)
 
     def _build(

@@ -7,6 +7,7 @@ checking that every transfer descriptor lies inside one registration is one vect
 
 from __future__ import annotations
 
+import bisect
 import enum
 
 import numpy as np
@@ -107,7 +108,17 @@ class RegTable:
     records). Regions of one device may not overlap.
     """
 
-    __slots__ = ("_addr", "_dev", "_dir", "_end", "_len", "_single_dev", "_slot", "mem_type")
+    __slots__ = (
+        "_addr",
+        "_dev",
+        "_dir",
+        "_end",
+        "_keys",
+        "_len",
+        "_single_dev",
+        "_slot",
+        "mem_type",
+    )
 
     def __init__(self, mem_type: MemType) -> None:
         self.mem_type = mem_type
@@ -118,6 +129,7 @@ class RegTable:
         self._slot: I64 = np.empty(0, np.int64)
         self._single_dev = True
         self._dir: _Directory | None = None
+        self._keys: list[tuple[int, int]] | None = None  # (dev, addr) per region, for span()
 
     def __len__(self) -> int:
         return int(self._addr.size)
@@ -134,6 +146,7 @@ class RegTable:
     def _changed(self) -> None:
         self._single_dev = self._dev.size == 0 or bool(self._dev[0] == self._dev[-1])
         self._dir = _Directory.build(self._addr, self._end) if self._single_dev else None
+        self._keys = None
 
     def add(self, rows: U64, slots: I64) -> None:
         """Add regions (an (N, 3) array) with their slots.
@@ -236,25 +249,38 @@ class RegTable:
         pos = lo - 1
         return np.where(pos >= seg_lo, pos, -1)
 
-    def sole(self, amin: int, amax: int, lmax: int, dmin: int, dmax: int) -> int:
-        """Slot of the only registration when it surely covers a whole list, else -1.
+    def span(self, amin: int, amax: int, lmax: int, dmin: int, dmax: int) -> int:
+        """Slot of the one registration that surely covers a whole list, else -1.
 
         Args:
             amin, amax: smallest and largest address of the list.
             lmax: largest length.
             dmin, dmax: smallest and largest device.
 
-        The bounds are sufficient, and exact when lengths are uniform (KV blocks); when this
-        returns -1, :meth:`lookup` decides per descriptor.
+        One bisection over the regions, no per-descriptor work: a list whose bounds lie inside
+        one region (a KV cache, a staging buffer) is decided in a few microseconds. The bounds
+        are sufficient, and exact when lengths are uniform (KV blocks); when this returns -1,
+        :meth:`lookup` decides per descriptor.
         """
-        if self._addr.size != 1:
+        n = self._addr.size
+        if n == 0 or dmin != dmax:
             return -1
+        if n == 1:
+            i = 0
+        else:
+            if self._keys is None:
+                self._keys = list(zip(self._dev.tolist(), self._addr.tolist(), strict=True))
+            i = bisect.bisect_right(self._keys, (dmin, amin)) - 1
+            if i < 0:
+                return -1
+        end = int(self._end[i])
         if (
-            amin >= int(self._addr[0])
-            and amax + lmax <= int(self._end[0])
-            and dmin == dmax == int(self._dev[0])
+            int(self._dev[i]) == dmin
+            and int(self._addr[i]) <= amin
+            and amax <= end
+            and lmax <= end - amax
         ):
-            return int(self._slot[0])
+            return int(self._slot[i])
         return -1
 
     def lookup(self, addrs: U64, lens: U64, devs: U64, what: str = "descriptor") -> I64:
@@ -284,7 +310,7 @@ class RegTable:
         if self._addr.size == 1:
             # One registration (the common case: a whole KV cache or staging buffer): bounds of
             # the whole list decide, without a per-descriptor gather.
-            slot = self.sole(
+            slot = self.span(
                 int(addrs.min()),
                 int(addrs.max()),
                 int(lens.max()),

@@ -124,6 +124,32 @@ def test_lookup_matches_bruteforce(
         assert ei.value.index == next(i for i, e in enumerate(expected) if e is None)
 
 
+@settings(max_examples=150, deadline=None)
+@given(_tables())
+def test_span_agrees_with_the_reference(
+    case: tuple[list[tuple[int, int, int, int]], list[tuple[int, int, int]]],
+) -> None:
+    """span() of a list's bounds never names a slot the per-descriptor rule would not give each
+    descriptor, and finds the region whenever the whole range fits in one."""
+    regs, queries = case
+    t = RegTable(MemType.DRAM)
+    t.add(np.array([r[:3] for r in regs], np.uint64), np.array([r[3] for r in regs]))
+    q = np.array(queries, np.uint64)
+    a, ln, d = q[:, 0], q[:, 1], q[:, 2]
+    amin, amax, lmax = int(a.min()), int(a.max()), int(ln.max())
+    got = t.span(amin, amax, lmax, int(d.min()), int(d.max()))
+    expected = {_reference(regs, x) for x in queries}
+    if got >= 0:
+        assert expected == {got}
+    hull = [
+        slot for ra, rl, rd, slot in regs
+        if int(d.min()) == int(d.max()) == rd and ra <= amin and amax + lmax <= ra + rl
+    ]  # fmt: skip
+    if hull and got < 0:
+        # Only adjacent regions sharing the boundary address of a zero-length query disagree.
+        assert lmax == 0 and amin == amax
+
+
 def test_directory_path_many_regions() -> None:
     """Thousands of regions on one device use the bucket directory and still resolve exactly."""
     t = RegTable(MemType.DRAM)
