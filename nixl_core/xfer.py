@@ -202,6 +202,7 @@ class XferRequest:
         "_on_error",
         "_t0",
         "_t0_wall",
+        "_t_end",
         "_t_post",
         "_telemetry",
         "backend",
@@ -244,7 +245,8 @@ class XferRequest:
         self._t0 = 0
         self._t0_wall = 0
         self._t_post = 0
-        self._telemetry: XferTelemetry | None = None
+        self._t_end = 0  # completion time of the last post; 0 = none completed
+        self._telemetry: XferTelemetry | None = None  # built from the times when first asked for
 
     def __repr__(self) -> str:
         return (
@@ -329,6 +331,7 @@ class XferRequest:
             self.notif = notif.encode() if isinstance(notif, str) else notif
         self.error = None
         self._telemetry = None
+        self._t_end = 0
         self._t0_wall = time.time_ns()
         self._t0 = time.perf_counter_ns()
         try:
@@ -412,16 +415,7 @@ class XferRequest:
 
     def _done(self) -> None:
         self.status = XferStatus.DONE
-        end = time.perf_counter_ns()
-        self._telemetry = XferTelemetry(
-            start_time_us=self._t0_wall // 1000,
-            post_duration_us=(self._t_post - self._t0) / 1000.0,
-            xfer_duration_us=(end - self._t0) / 1000.0,
-            total_bytes=self.total_bytes,
-            desc_count=self.desc_count,
-            backend=self.backend_name,
-            path=self.path,
-        )
+        self._t_end = time.perf_counter_ns()
 
     def _fail(self, exc: BaseException) -> None:
         self.status = XferStatus.ERROR
@@ -439,7 +433,17 @@ class XferRequest:
             NotPostedError: the request never completed a post.
         """
         if self._telemetry is None:
-            raise NotPostedError(f"{self!r} has no completed post to report on")
+            if not self._t_end:
+                raise NotPostedError(f"{self!r} has no completed post to report on")
+            self._telemetry = XferTelemetry(
+                start_time_us=self._t0_wall // 1000,
+                post_duration_us=(self._t_post - self._t0) / 1000.0,
+                xfer_duration_us=(self._t_end - self._t0) / 1000.0,
+                total_bytes=self.total_bytes,
+                desc_count=self.desc_count,
+                backend=self.backend_name,
+                path=self.path,
+            )
         return self._telemetry
 
     def release(self) -> None:
@@ -453,6 +457,8 @@ class XferRequest:
         if self.status is XferStatus.IN_PROGRESS:
             self.poll_backend(self._breq)
         self.backend.release(self._breq)
+        if self._t_end and self._telemetry is None:
+            _ = self.telemetry  # built now, while the backend request still names the path
         if self.status is XferStatus.IN_PROGRESS:
             self.status = XferStatus.ERROR
             self.error = TransferCanceledError(
