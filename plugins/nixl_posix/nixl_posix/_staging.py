@@ -13,6 +13,7 @@ cupy is imported only when the first VRAM request is prepared: a CPU-only instal
 from __future__ import annotations
 
 import collections
+import functools
 import importlib.util
 import threading
 from collections.abc import Callable
@@ -52,8 +53,9 @@ extern "C" __global__ void nixl_posix_copy(const unsigned long long* __restrict_
 """
 
 
+@functools.cache
 def staging_unavailable_reason() -> str | None:
-    """Why VRAM <-> FILE cannot run here (no cupy, no GPU), or None when it can."""
+    """Why VRAM <-> FILE cannot run here (no cupy, no GPU), or None when it can (asked once)."""
     if importlib.util.find_spec("cupy") is None:
         return "cupy is not installed (pip install cupy-cuda12x or cupy-cuda13x)"
     try:
