@@ -486,12 +486,16 @@ class _AioEngine(_KernelEngine):
                 # here, and post() of another request waits for it (one file system anyway).
                 while self._queue and self._reserved < self._ctx.entries:
                     req = self._queue[0]
-                    self._submit(req)
+                    took = self._submit(req)
                     if req.submitted == req.n or req.stopped:
                         self._queue.popleft()
                     self._reap(0)
                     self._cond.notify_all()
+                    if not took and not req.stopped:
+                        break  # the kernel took nothing (EAGAIN): retry shortly, do not spin
                 if not self._reserved:
+                    if self._queue:
+                        self._cond.wait(0.001)
                     continue
             # O_DIRECT I/O completes later: wait for it without holding the condition.
             ud, res = self._ctx.reap(1, 0.05)
