@@ -173,7 +173,8 @@ class Ring:
         self._cq_mask = int(_u32(self._cq_mm, p.cq_off.ring_mask)[0])
         self._cqes = np.frombuffer(self._cq_mm, _CQE, self.cq_entries, p.cq_off.cqes)
         self._sq_array[:] = np.arange(self.sq_entries, dtype=np.uint32)
-        self.in_flight = 0
+        self.in_flight = 0  # entries written to the ring and not reaped yet
+        self.unsubmitted = 0  # of those, entries the kernel did not take yet (see flush)
 
     def capacity(self) -> int:
         """How many entries can be submitted now without overrunning the completion queue."""
@@ -212,7 +213,13 @@ class Ring:
             ctypes.memmove(self._sqe_base, src + k * 64, (n - k) * 64)
         self._sq_tail.value = (tail + n) & 0xFFFFFFFF
         self.in_flight += n
-        self._enter(n, 0, 0)
+        self.unsubmitted += n
+        self.flush()
+
+    def flush(self) -> None:
+        """Hand the kernel the entries it has not taken yet (it may take fewer under pressure)."""
+        if self.unsubmitted:
+            self.unsubmitted -= self._enter(self.unsubmitted, 0, 0)
 
     def nop(self, user_data: int) -> None:
         """Submit one no-op (wakes a thread blocked in :meth:`wait`)."""
@@ -238,7 +245,8 @@ class Ring:
         self.in_flight -= n
         return c["user_data"], c["res"]
 
-    def _enter(self, to_submit: int, min_complete: int, flags: int) -> None:
+    def _enter(self, to_submit: int, min_complete: int, flags: int) -> int:
+        """io_uring_enter; returns how many entries the kernel took (0 when it is busy)."""
         while True:
             r = _syscall(
                 _SYS_ENTER,
@@ -250,11 +258,11 @@ class Ring:
                 ctypes.c_size_t(0),
             )
             if r >= 0:
-                return
+                return int(r)
             err = ctypes.get_errno()
             if err in (errno.EINTR, errno.EAGAIN, errno.EBUSY):
                 if to_submit:
-                    return  # the kernel keeps the unsubmitted entries; the next enter takes them
+                    return 0  # the entries stay in the ring; flush() hands them in later
                 continue
             raise OSError(err, f"io_uring_enter: {os.strerror(err)}")
 

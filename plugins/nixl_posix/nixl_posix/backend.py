@@ -394,9 +394,15 @@ class _UringEngine(_KernelEngine):
             with self._cond:
                 while not self._closed and self._ring.in_flight == 0 and not self._queue:
                     self._cond.wait()
+                self._ring.flush()
                 self._pump()
                 if self._closed and self._ring.in_flight == 0:
                     return
+                if self._ring.unsubmitted == self._ring.in_flight:
+                    # The kernel holds none of it (it refused entries under pressure): waiting
+                    # for completions would never end, so retry the hand-in shortly.
+                    self._cond.wait(0.001)
+                    continue
             self._ring.wait(1)  # GIL released while the kernel works
             with self._cond:
                 self._reap()
