@@ -44,9 +44,9 @@ class Stats:
     desc_count: int | None
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON-ready values (rounded to what the timers resolve)."""
+        """JSON-ready values (six significant digits)."""
         d = attrs.asdict(self)
-        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in d.items()}
+        return {k: (_round(v) if isinstance(v, float) else v) for k, v in d.items()}
 
 
 def p99(values: Sequence[float]) -> float:
@@ -209,7 +209,9 @@ def json_rows(rows: Sequence[Row], common: dict[str, Any]) -> list[dict[str, Any
 
 
 def _round(v: float | None) -> float | None:
-    return None if v is None else round(v, 4)
+    # Significant digits, not decimals: a slow row's 0.0123 GB/s keeps its precision (ratios
+    # recomputed from the JSON then agree with the table's).
+    return None if v is None else float(f"{v:.6g}")
 
 
 def write_json(path: str, meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
