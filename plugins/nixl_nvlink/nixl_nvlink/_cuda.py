@@ -9,10 +9,12 @@ CUDA IPC handle).
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import functools
 from typing import Any
 
-__all__ = ["COPY_KERNEL", "GATHER_KERNEL", "Cuda", "load"]
+__all__ = ["COPY_KERNEL", "GATHER_KERNEL", "Cuda", "Vmm", "load"]
 
 #: One warp copies one descriptor (the host splits descriptors into chunks of at most
 #: ``chunk_bytes``), so a transfer of 65536 4 KiB blocks and one of 32 16 MiB blocks both fill
@@ -273,6 +275,190 @@ class Cuda:
         """Blocks for ``chunks`` warp-sized work items on GPU ``dev``: enough to fill it, no more."""
         need = -(-chunks // WARPS_PER_BLOCK)
         return max(1, min(need, self.sm_count(dev) * per_sm))
+
+
+#: CUmemAllocationHandleType bits and the other VMM constants of cuda.h (stable ABI values).
+HANDLE_POSIX_FD = 1
+HANDLE_FABRIC = 8
+_ALLOCATION_PINNED = 1
+_LOCATION_DEVICE = 1
+_ACCESS_READWRITE = 3
+
+
+class _Location(ctypes.Structure):
+    _fields_ = (("type", ctypes.c_int), ("id", ctypes.c_int))
+
+
+class _AllocFlags(ctypes.Structure):
+    _fields_ = (
+        ("compressionType", ctypes.c_ubyte),
+        ("gpuDirectRDMACapable", ctypes.c_ubyte),
+        ("usage", ctypes.c_ushort),
+        ("reserved", ctypes.c_ubyte * 4),
+    )
+
+
+class _AllocProp(ctypes.Structure):
+    """CUmemAllocationProp."""
+
+    _fields_ = (
+        ("type", ctypes.c_int),
+        ("requestedHandleTypes", ctypes.c_int),
+        ("location", _Location),
+        ("win32HandleMetaData", ctypes.c_void_p),
+        ("allocFlags", _AllocFlags),
+        ("_spare", ctypes.c_ubyte * 64),  # room should a later cuda.h grow the struct
+    )
+
+
+class _AccessDesc(ctypes.Structure):
+    """CUmemAccessDesc."""
+
+    _fields_ = (("location", _Location), ("flags", ctypes.c_int))
+
+
+class Vmm:
+    """The driver's virtual memory management calls (cuMem*), through ctypes on libcuda.
+
+    ctypes rather than cuda-bindings: these calls pass raw handles, fds and structs whose
+    Python wrappers differ between cuda-bindings releases; the C ABI does not. Every method
+    needs a current context (the runtime's, set by ``cupy.cuda.Device(dev)``).
+    """
+
+    def __init__(self) -> None:
+        lib = ctypes.CDLL("libcuda.so.1")
+        u64, vp, sz = ctypes.c_uint64, ctypes.c_void_p, ctypes.c_size_t
+        sigs: dict[str, tuple[Any, ...]] = {
+            "cuGetErrorName": (ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)),
+            "cuMemRetainAllocationHandle": (ctypes.POINTER(u64), vp),
+            "cuMemGetAllocationPropertiesFromHandle": (ctypes.POINTER(_AllocProp), u64),
+            "cuMemExportToShareableHandle": (vp, u64, ctypes.c_int, ctypes.c_ulonglong),
+            "cuMemImportFromShareableHandle": (ctypes.POINTER(u64), vp, ctypes.c_int),
+            "cuMemRelease": (u64,),
+            "cuMemAddressReserve": (ctypes.POINTER(u64), sz, sz, u64, ctypes.c_ulonglong),
+            "cuMemAddressFree": (u64, sz),
+            "cuMemMap": (u64, sz, sz, u64, ctypes.c_ulonglong),
+            "cuMemUnmap": (u64, sz),
+            "cuMemSetAccess": (u64, sz, ctypes.POINTER(_AccessDesc), sz),
+            "cuMemCreate": (
+                ctypes.POINTER(u64),
+                sz,
+                ctypes.POINTER(_AllocProp),
+                ctypes.c_ulonglong,
+            ),
+            "cuMemGetAllocationGranularity": (
+                ctypes.POINTER(sz),
+                ctypes.POINTER(_AllocProp),
+                ctypes.c_int,
+            ),
+        }
+        for name, argtypes in sigs.items():
+            fn = getattr(lib, name)
+            fn.argtypes = list(argtypes)
+            fn.restype = ctypes.c_int
+        self._lib = lib
+
+    def _call(self, name: str, *args: Any) -> None:
+        rc = int(getattr(self._lib, name)(*args))
+        if rc != 0:
+            text = ctypes.c_char_p()
+            self._lib.cuGetErrorName(rc, ctypes.byref(text))
+            raise CudaCallError(name, rc, (text.value or b"CUDA_ERROR").decode())
+
+    def retain(self, ptr: int) -> int | None:
+        """The allocation handle mapped at ``ptr`` (retained: :meth:`release` it), or None when
+        ``ptr`` is not VMM memory (cudaMalloc memory has no such handle)."""
+        h = ctypes.c_uint64()
+        try:
+            self._call("cuMemRetainAllocationHandle", ctypes.byref(h), ctypes.c_void_p(ptr))
+        except CudaCallError:
+            return None
+        return int(h.value)
+
+    def release(self, handle: int) -> None:
+        """Drop one reference to an allocation handle."""
+        self._call("cuMemRelease", handle)
+
+    def handle_types(self, handle: int) -> int:
+        """The shareable handle types (CUmemAllocationHandleType bits) the allocation allows."""
+        prop = _AllocProp()
+        self._call("cuMemGetAllocationPropertiesFromHandle", ctypes.byref(prop), handle)
+        return int(prop.requestedHandleTypes)
+
+    def export_fd(self, handle: int) -> int:
+        """A POSIX fd for the allocation (the caller owns and closes it)."""
+        fd = ctypes.c_int(-1)
+        self._call("cuMemExportToShareableHandle", ctypes.byref(fd), handle, HANDLE_POSIX_FD, 0)
+        return int(fd.value)
+
+    def import_fd(self, fd: int) -> int:
+        """The allocation handle of a peer's exported fd (the fd stays open; close it after)."""
+        h = ctypes.c_uint64()
+        self._call(
+            "cuMemImportFromShareableHandle",
+            ctypes.byref(h),
+            ctypes.c_void_p(fd),
+            HANDLE_POSIX_FD,
+        )
+        return int(h.value)
+
+    def map_chunks(self, chunks: list[tuple[int, int, int]], size: int, devs: list[int]) -> int:
+        """Reserve ``size`` bytes of address space, map each (offset, size, handle) chunk at its
+        offset, and grant read/write access to ``devs``; returns the base address."""
+        base = ctypes.c_uint64()
+        self._call("cuMemAddressReserve", ctypes.byref(base), size, 0, 0, 0)
+        va = int(base.value)
+        mapped: list[tuple[int, int]] = []
+        try:
+            for off, n, h in chunks:
+                self._call("cuMemMap", va + off, n, 0, h, 0)
+                mapped.append((va + off, n))
+            descs = (_AccessDesc * len(devs))()
+            for k, d in enumerate(devs):
+                descs[k].location.type = _LOCATION_DEVICE
+                descs[k].location.id = d
+                descs[k].flags = _ACCESS_READWRITE
+            self._call("cuMemSetAccess", va, size, descs, len(devs))
+        except BaseException:
+            for p, n in mapped:
+                with contextlib.suppress(CudaCallError):
+                    self._call("cuMemUnmap", p, n)
+            with contextlib.suppress(CudaCallError):
+                self._call("cuMemAddressFree", va, size)
+            raise
+        return va
+
+    def unmap(self, va: int, size: int) -> None:
+        """Undo :meth:`map_chunks` (the physical memory goes once its exporter frees it too)."""
+        self._call("cuMemUnmap", va, size)
+        self._call("cuMemAddressFree", va, size)
+
+    def create(self, size: int, dev: int, handle_types: int = HANDLE_POSIX_FD) -> int:
+        """cuMemCreate of ``size`` bytes on ``dev`` (tests and examples); returns the handle."""
+        prop = _AllocProp()
+        prop.type = _ALLOCATION_PINNED
+        prop.requestedHandleTypes = handle_types
+        prop.location.type = _LOCATION_DEVICE
+        prop.location.id = dev
+        h = ctypes.c_uint64()
+        self._call("cuMemCreate", ctypes.byref(h), size, ctypes.byref(prop), 0)
+        return int(h.value)
+
+    def granularity(self, dev: int) -> int:
+        """The minimum VMM allocation granularity of ``dev``."""
+        prop = _AllocProp()
+        prop.type = _ALLOCATION_PINNED
+        prop.location.type = _LOCATION_DEVICE
+        prop.location.id = dev
+        g = ctypes.c_size_t()
+        self._call("cuMemGetAllocationGranularity", ctypes.byref(g), ctypes.byref(prop), 0)
+        return int(g.value)
+
+
+@functools.cache
+def vmm() -> Vmm:
+    """The process's :class:`Vmm` (loads libcuda on first call)."""
+    return Vmm()
 
 
 @functools.cache

@@ -9,6 +9,14 @@ Region blob (one per registered region)::
     device memory: b"NVR1" | u8 1 | 16s GPU uuid | u64 allocation base | u64 allocation size
                    | u64 region offset in the allocation | 64s cudaIpcMemHandle
     host memory:   b"NVR1" | u8 2          (pinned DRAM cannot be mapped into another process)
+    VMM memory:    b"NVR1" | u8 3 | u8 version (1) | 16s GPU uuid | u64 span base | u64 span size
+                   | u64 region offset in the span | u16 n | n x (u64 chunk offset in the span,
+                   u64 chunk size, u64 allocation id)
+
+A VMM span is the run of cuMemCreate allocations (chunks) mapped back to back that holds the
+region (PyTorch's expandable segments map many into one range). Chunks are contiguous from
+offset 0 and cover the span; the importer fetches each one's POSIX fd by its allocation id from
+the exporter's fd socket.
 
 Every decoder raises :class:`nixl_core.errors.MetadataError` naming the byte offset of the first
 bad field.
@@ -24,6 +32,9 @@ from nixl_core.errors import MetadataError
 
 __all__ = [
     "IPC_HANDLE_BYTES",
+    "KIND_DEVICE",
+    "KIND_HOST",
+    "KIND_VMM",
     "ConnInfo",
     "RegionBlob",
     "decode_conn",
@@ -37,8 +48,12 @@ REG_MAGIC = b"NVR1"
 IPC_HANDLE_BYTES = 64
 KIND_DEVICE = 1
 KIND_HOST = 2
+KIND_VMM = 3
+VMM_VERSION = 1
 _DEVICE = struct.Struct("<4sB16sQQQ64s")
 _HOST = struct.Struct("<4sB")
+_VMM = struct.Struct("<4sBB16sQQQH")
+_CHUNK = struct.Struct("<QQQ")
 
 
 @attrs.frozen
@@ -53,7 +68,9 @@ class ConnInfo:
 
 @attrs.frozen
 class RegionBlob:
-    """A peer region's public data. ``ipc_handle`` is empty for host (DRAM) regions."""
+    """A peer region's public data. ``ipc_handle`` is empty for host (DRAM) and VMM regions;
+    ``chunks`` ((offset in the span, size, allocation id), ...) is set for VMM regions only,
+    whose ``alloc_base`` / ``alloc_size`` are the span's."""
 
     kind: int
     uuid: bytes = b""
@@ -61,6 +78,7 @@ class RegionBlob:
     alloc_size: int = 0
     offset: int = 0
     ipc_handle: bytes = b""
+    chunks: tuple[tuple[int, int, int], ...] = ()
 
     @property
     def is_host(self) -> bool:
@@ -122,6 +140,18 @@ def encode_region(blob: RegionBlob) -> bytes:
     """Region blob bytes (see the module docstring)."""
     if blob.kind == KIND_HOST:
         return _HOST.pack(REG_MAGIC, KIND_HOST)
+    if blob.kind == KIND_VMM:
+        head = _VMM.pack(
+            REG_MAGIC,
+            KIND_VMM,
+            VMM_VERSION,
+            blob.uuid,
+            blob.alloc_base,
+            blob.alloc_size,
+            blob.offset,
+            len(blob.chunks),
+        )
+        return head + b"".join(_CHUNK.pack(*c) for c in blob.chunks)
     return _DEVICE.pack(
         REG_MAGIC,
         KIND_DEVICE,
@@ -150,6 +180,8 @@ def decode_region(buf: bytes, index: int = 0) -> RegionBlob:
                 _HOST.size,
             )
         return RegionBlob(KIND_HOST)
+    if kind == KIND_VMM:
+        return _decode_vmm(buf, index)
     if kind != KIND_DEVICE:
         raise MetadataError(f"NVLINK blob of region {index} has unknown kind {kind}", 4)
     if len(buf) != _DEVICE.size:
@@ -164,3 +196,41 @@ def decode_region(buf: bytes, index: int = 0) -> RegionBlob:
             37,
         )
     return RegionBlob(KIND_DEVICE, uuid, base, size, offset, handle)
+
+
+def _decode_vmm(buf: bytes, index: int) -> RegionBlob:
+    if len(buf) < _VMM.size:
+        raise MetadataError(
+            f"NVLINK VMM blob of region {index} has {len(buf)} bytes, fewer than {_VMM.size}",
+            len(buf),
+        )
+    _, _, version, uuid, base, size, offset, n = _VMM.unpack_from(buf)
+    if version != VMM_VERSION:
+        raise MetadataError(
+            f"NVLINK VMM blob of region {index} has version {version}; this nixl-nvlink reads "
+            f"version {VMM_VERSION} (upgrade the older side)",
+            5,
+        )
+    want = _VMM.size + n * _CHUNK.size
+    if n == 0 or len(buf) != want:
+        raise MetadataError(
+            f"NVLINK VMM blob of region {index} has {len(buf)} bytes for {n} chunks, not {want}",
+            min(len(buf), want),
+        )
+    chunks = tuple(_CHUNK.unpack_from(buf, _VMM.size + k * _CHUNK.size) for k in range(n))
+    pos = 0
+    for k, (off, csize, _) in enumerate(chunks):
+        if off != pos or csize == 0:
+            raise MetadataError(
+                f"NVLINK VMM blob of region {index}: chunk {k} is not contiguous with the ones "
+                "before it",
+                _VMM.size + k * _CHUNK.size,
+            )
+        pos += csize
+    if pos != size or offset >= size:
+        raise MetadataError(
+            f"NVLINK VMM blob of region {index}: chunks cover {pos} bytes of a {size}-byte span "
+            f"(region offset {offset})",
+            38,
+        )
+    return RegionBlob(KIND_VMM, uuid, base, size, offset, b"", chunks)

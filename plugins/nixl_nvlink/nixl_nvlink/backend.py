@@ -6,8 +6,11 @@ How it works:
   that contains it, plus the allocation's base and size and the region's offset in it (PyTorch's
   caching allocator hands out tensors inside larger allocations). The allocation comes from the
   driver (``cuMemGetAddressRange``). VMM allocations (``cuMemCreate``, PyTorch's
-  ``expandable_segments``) cannot be exported that way: registering one raises
-  :class:`~nixl_core.errors.NotSupportedError` naming the fix; there is no slow fallback.
+  ``expandable_segments``) have no legacy IPC handle: their region blob lists the allocations
+  (chunks) mapped back to back under it, each exported as a POSIX fd that the backend serves to
+  peers over its own Unix stream socket (SCM_RIGHTS); the importer maps them into one reserved
+  range (cuMemImportFromShareableHandle, cuMemMap, cuMemSetAccess). VMM memory created without
+  the POSIX fd handle type raises :class:`~nixl_core.errors.NotSupportedError` naming the fix.
   DRAM is pinned and mapped for every GPU (``cudaHostRegister``), so the same kernel moves
   DRAM <-> VRAM; a peer's DRAM cannot be mapped into this process and is refused with a reason.
 - **Remote load.** Each peer allocation is mapped once (``cudaIpcOpenMemHandle``) and cached;
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import importlib.util
 import logging
 import os
@@ -49,7 +53,7 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -73,6 +77,7 @@ from nixl_core.xfer import XferRequest
 from nixl_nvlink._wire import (
     KIND_DEVICE,
     KIND_HOST,
+    KIND_VMM,
     ConnInfo,
     RegionBlob,
     decode_conn,
@@ -91,17 +96,25 @@ _CUDA_MEMORY_TYPE_DEVICE = 2
 _INIT_NAMES = ("", "NIXL_INIT_AGENT")
 
 # Peer allocations mapped into this process, shared by every NVLINK agent of the process (a
-# CUDA IPC handle is opened once per process): ipc handle -> [mapped base, references].
-_MAPS: dict[bytes, list[int]] = {}
+# CUDA IPC handle is opened once per process): key (IPC handle, or the VMM span's identity) ->
+# [mapped base, references, unmap function].
+_MAPS: dict[bytes, list[Any]] = {}
 _MAPS_LOCK = threading.Lock()
 
 VMM_HINT = (
     "it lies in a CUDA VMM allocation (cuMemCreate; PyTorch's expandable_segments allocator "
-    "makes these), which cannot be exported as a CUDA IPC handle, so NVLINK cannot share it "
-    "with other processes. Fix: allocate it with cudaMalloc (PyTorch: set "
+    "makes these) created without the POSIX file-descriptor handle type (requestedHandleTypes "
+    "= {types}), so NVLINK cannot share it with other processes (it passes such allocations as "
+    "POSIX fds over a Unix socket). Fix: create it with requestedHandleTypes including "
+    "CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, or allocate it with cudaMalloc (PyTorch: set "
     "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False before CUDA starts), or register it with "
     "the UCX backend only (register(..., backends=['UCX']))"
 )
+_FD_MAGIC = b"NVF1"
+#: Pinned staging buffers per GPU for make()'s uploads (a ring: a slot is rewritten only once
+#: the copy that read it has run).
+_STAGE_SLOTS = 8
+_MEMCPY_H2D = 1
 
 
 def _findable(name: str) -> bool:
@@ -123,7 +136,7 @@ def _host_identity() -> tuple[bytes, str]:
 class _LocalReg:
     """A region of this process. ``delta`` turns its addresses into device addresses."""
 
-    __slots__ = ("addr", "blob", "delta", "dev", "host", "length", "pinned")
+    __slots__ = ("addr", "blob", "delta", "dev", "exports", "host", "length", "pinned")
 
     def __init__(
         self, addr: int, length: int, dev: int, host: bool, delta: int, pinned: bool, blob: bytes
@@ -135,6 +148,32 @@ class _LocalReg:
         self.delta = delta
         self.pinned = pinned  # this backend pinned it (and unpins it)
         self.blob = blob
+        self.exports: tuple[int, ...] = ()  # VMM chunk bases whose fds this region holds
+
+
+class _Export:
+    """A VMM allocation of this process exported as a POSIX fd, served to peers by id."""
+
+    __slots__ = ("aid", "fd", "refs", "size")
+
+    def __init__(self, aid: int, fd: int, size: int) -> None:
+        self.aid = aid
+        self.fd = fd
+        self.size = size
+        self.refs = 0
+
+
+class _Stage:
+    """A pinned host buffer make() writes into and one async copy reads from."""
+
+    __slots__ = ("event", "host", "mem", "nbytes", "ptr")
+
+    def __init__(self, cp: Any, nbytes: int) -> None:
+        self.mem = cp.cuda.alloc_pinned_memory(nbytes)
+        self.ptr = int(self.mem.ptr)
+        self.nbytes = nbytes
+        self.host = np.frombuffer(self.mem, np.uint8, nbytes)
+        self.event = cp.cuda.Event(block=False, disable_timing=True)
 
 
 class _RemoteReg:
@@ -191,6 +230,7 @@ class _Request(BackendRequest):
         "op",
         "peer",
         "posted",
+        "staged",
         "table",
         "wait_event",
     )
@@ -210,6 +250,7 @@ class _Request(BackendRequest):
         self.notif: bytes | None = None
         self.posted = False
         self.keep: tuple[Any, ...] = ()  # device arrays the gather kernel reads
+        self.staged = False  # its table comes from an async copy out of a staging buffer
 
 
 def _stream_handle(stream: Any) -> int:
@@ -241,6 +282,10 @@ class NvlinkBackend(Backend):
         device_gather: "1" (default): prepared lists keep their columns on the GPU and ``make``
             gathers the table there; "0": ``make`` gathers on the host and uploads the table
             (the path of ``create``; for comparisons).
+        host_gather_max: with device_gather, requests of at most this many descriptors gather
+            on the host into a pinned staging buffer and reach the GPU by one async copy (no
+            kernel launch); larger ones upload their indices the same way and gather on the GPU
+            (default 1024; 0: always on the GPU).
     """
 
     name = "NVLINK"
@@ -253,6 +298,7 @@ class NvlinkBackend(Backend):
         "chunk_bytes": "16384",
         "blocks_per_sm": "8",
         "device_gather": "1",
+        "host_gather_max": "1024",
     }
     install_hint = "pip install 'nixl-nvlink[cu13]'  (or [cu12])"
 
@@ -293,6 +339,7 @@ class NvlinkBackend(Backend):
             self._chunk = int(params.get("chunk_bytes", 16384))
             self._per_sm = int(params.get("blocks_per_sm", 8))
             self._device_gather = str(params.get("device_gather", "1")).strip() not in ("0", "")
+            self._host_gather_max = int(params.get("host_gather_max", 1024))
         except (TypeError, ValueError) as exc:
             raise InvalidParamError(f"NVLINK params: {exc}") from exc
         if not 1 <= self._per_sm <= 32:
@@ -332,6 +379,18 @@ class NvlinkBackend(Backend):
         self._inbox: collections.deque[tuple[str, bytes]] = collections.deque()
         self._rx_lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe()
+        # VMM exports: a stream socket next to the datagram one serves their POSIX fds.
+        self._exports: dict[int, _Export] = {}  # chunk base -> export
+        self._fds: dict[int, int] = {}  # allocation id -> fd
+        self._next_aid = 1
+        self._fds_lock = threading.Lock()
+        self._fdsrv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._fdsrv.bind(self._addr + b"-fd")
+        self._fdsrv.listen(64)
+        self._fdsrv.setblocking(False)
+        self._stages: dict[int, list[_Stage]] = {}
+        self._stage_next: dict[int, int] = {}
+        self._stage_lock = threading.Lock()
         self._rx_thread = threading.Thread(
             target=self._receive, name=f"nixl-nvlink-rx-{agent_name}", daemon=True
         )
@@ -406,7 +465,7 @@ class NvlinkBackend(Backend):
             if owner != dev:
                 raise RegistrationError(f"{where} lives on GPU {owner}, not GPU {dev}", index=i)
             if cu.legacy_ipc_capable(addr) is False:
-                raise NotSupportedError(f"cannot register {where} with NVLINK: {VMM_HINT}")
+                return self._register_vmm(i, addr, length, dev, where)
             try:
                 base, size = cu.alloc_range(addr)
             except Exception as exc:
@@ -427,6 +486,103 @@ class NvlinkBackend(Backend):
             RegionBlob(KIND_DEVICE, cu.uuid_of(dev), base, size, addr - base, handle)
         )
         return _LocalReg(addr, length, dev, False, 0, False, blob)
+
+    def _vmm(self) -> Any:
+        from nixl_nvlink import _cuda
+
+        return _cuda.vmm()
+
+    def _register_vmm(self, i: int, addr: int, length: int, dev: int, where: str) -> _LocalReg:
+        """A VMM region: export every allocation mapped under it (current device: ``dev``)."""
+        from nixl_nvlink._cuda import HANDLE_POSIX_FD, CudaCallError
+
+        vmm = self._vmm()
+        chunks: list[tuple[int, int, int]] = []  # (chunk base, size, allocation id)
+        p, end = addr, addr + max(length, 1)
+        try:
+            while p < end:
+                try:
+                    base, size = self._cu.alloc_range(p)
+                except Exception as exc:
+                    raise RegistrationError(
+                        f"{where}: cuMemGetAddressRange at 0x{p:x}: {exc}", index=i
+                    ) from exc
+                if chunks and base != p:
+                    raise RegistrationError(
+                        f"{where}: its VMM mappings are not contiguous at 0x{p:x}; register "
+                        "each mapped range separately",
+                        index=i,
+                    )
+                h = vmm.retain(p)
+                if h is None:
+                    raise RegistrationError(
+                        f"{where}: the driver says it cannot be exported as a CUDA IPC handle, "
+                        "and it is no VMM allocation either",
+                        index=i,
+                    )
+                try:
+                    types = vmm.handle_types(h)
+                    if not types & HANDLE_POSIX_FD:
+                        raise NotSupportedError(
+                            f"cannot register {where} with NVLINK: {VMM_HINT.format(types=types)}"
+                        )
+                    chunks.append((base, size, self._export(base, size, h)))
+                except CudaCallError as exc:
+                    raise NotSupportedError(
+                        f"cannot register {where} with NVLINK: exporting its VMM allocation as a "
+                        f"POSIX fd failed ({exc}); allocate it with cudaMalloc (PyTorch: "
+                        "expandable_segments:False) or register it with UCX only"
+                    ) from exc
+                finally:
+                    with contextlib.suppress(Exception):
+                        vmm.release(h)
+                p = base + size
+        except BaseException:
+            self._unexport(tuple(c[0] for c in chunks))
+            raise
+        span = chunks[0][0]
+        blob = encode_region(
+            RegionBlob(
+                KIND_VMM,
+                self._cu.uuid_of(dev),
+                span,
+                p - span,
+                addr - span,
+                b"",
+                tuple((b - span, n, aid) for b, n, aid in chunks),
+            )
+        )
+        reg = _LocalReg(addr, length, dev, False, 0, False, blob)
+        reg.exports = tuple(c[0] for c in chunks)
+        return reg
+
+    def _export(self, base: int, size: int, handle: int) -> int:
+        """The allocation id of the VMM chunk at ``base`` (exported once, reference counted)."""
+        with self._fds_lock:
+            ex = self._exports.get(base)
+            if ex is None or ex.size != size:
+                if ex is not None:  # a stale export of a freed allocation at the same address
+                    self._fds.pop(ex.aid, None)
+                    os.close(ex.fd)
+                fd = self._vmm().export_fd(handle)
+                ex = self._exports[base] = _Export(self._next_aid, fd, size)
+                self._fds[ex.aid] = fd
+                self._next_aid += 1
+            ex.refs += 1
+            return ex.aid
+
+    def _unexport(self, bases: Sequence[int]) -> None:
+        with self._fds_lock:
+            for base in bases:
+                ex = self._exports.get(base)
+                if ex is None:
+                    continue
+                ex.refs -= 1
+                if ex.refs <= 0:
+                    del self._exports[base]
+                    self._fds.pop(ex.aid, None)
+                    with contextlib.suppress(OSError):
+                        os.close(ex.fd)
 
     def _register_dram(self, i: int, addr: int, length: int) -> _LocalReg:
         blob = encode_region(RegionBlob(KIND_HOST))
@@ -454,6 +610,9 @@ class NvlinkBackend(Backend):
                 with contextlib.suppress(Exception):
                     self._cu.host_unregister(h.addr)
                 h.pinned = False
+            if isinstance(h, _LocalReg) and h.exports:
+                self._unexport(h.exports)
+                h.exports = ()
 
     def public_data(self, handle: Any) -> bytes:
         assert isinstance(handle, _LocalReg)
@@ -473,24 +632,85 @@ class NvlinkBackend(Backend):
             )
         self._peers[peer] = conn
 
-    def _map(self, key: bytes, dev: int, where: str) -> int:
+    def _open_ipc(self, key: bytes, dev: int, where: str) -> tuple[int, Callable[[], None]]:
+        try:
+            base = self._cu.ipc_open(key)
+        except self._cu.rt.CUDARuntimeError as exc:
+            raise TransferError(
+                f"cannot map {where} (cudaIpcOpenMemHandle: {exc}); the peer must be "
+                "a process of this host that shares its IPC and pid namespaces with "
+                "this one",
+                backend=self.name,
+            ) from exc
+        return base, lambda: self._cu.ipc_close(base)
+
+    def _fetch_fd(self, conn: ConnInfo, aid: int, where: str) -> int:
+        """The POSIX fd of a peer's VMM allocation ``aid``, received over its fd socket."""
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(10.0)
+                s.connect(conn.sock_addr + b"-fd")
+                s.sendall(_FD_MAGIC + struct.pack("<Q", aid))
+                msg, fds, _, _ = socket.recv_fds(s, 1, 1)
+        except OSError as exc:
+            raise TransferError(
+                f"cannot map {where}: fetching the fd of its VMM allocation from the peer "
+                f"failed ({exc})",
+                backend=self.name,
+            ) from exc
+        if msg != b"\0" or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise TransferError(
+                f"cannot map {where}: the peer did not hand over the fd of its VMM allocation "
+                f"{aid} (deregistered, or another user)",
+                backend=self.name,
+            )
+        return fds[0]
+
+    def _open_vmm(
+        self, conn: ConnInfo, b: RegionBlob, dev: int, where: str
+    ) -> tuple[int, Callable[[], None]]:
+        """Import a peer's VMM span: one reserved range, each chunk mapped at its offset."""
+        from nixl_nvlink._cuda import CudaCallError
+
+        vmm = self._vmm()
+        self._cu.rt.free(0)  # the device's context exists and is current (driver calls below)
+        handles: list[tuple[int, int, int]] = []
+        try:
+            for off, size, aid in b.chunks:
+                fd = self._fetch_fd(conn, aid, where)
+                try:
+                    handles.append((off, size, vmm.import_fd(fd)))
+                finally:
+                    os.close(fd)
+            devs = [dev] + [
+                d
+                for d in range(self._cu.device_count())
+                if d != dev and self._cu.rt.deviceCanAccessPeer(d, dev)
+            ]
+            va = vmm.map_chunks(handles, b.alloc_size, devs)
+        except CudaCallError as exc:
+            raise TransferError(
+                f"cannot map {where} (VMM import: {exc})", backend=self.name
+            ) from exc
+        finally:
+            for _, _, h in handles:  # the mappings keep the allocations alive
+                with contextlib.suppress(Exception):
+                    vmm.release(h)
+        size = b.alloc_size
+        return va, lambda: vmm.unmap(va, size)
+
+    def _map(self, key: bytes, dev: int, where: str, opener: Callable[[], tuple[int, Any]]) -> int:
         with _MAPS_LOCK:
             entry = _MAPS.get(key)
             if entry is None:
                 with self._cp.cuda.Device(dev):
-                    try:
-                        base = self._cu.ipc_open(key)
-                    except self._cu.rt.CUDARuntimeError as exc:
-                        raise TransferError(
-                            f"cannot map {where} (cudaIpcOpenMemHandle: {exc}); the peer must be "
-                            "a process of this host that shares its IPC and pid namespaces with "
-                            "this one",
-                            backend=self.name,
-                        ) from exc
-                entry = _MAPS[key] = [base, 0]
+                    base, close = opener()
+                entry = _MAPS[key] = [base, 0, close, dev]
             entry[1] += 1
         self._mapped[key] += 1
-        return entry[0]
+        return int(entry[0])
 
     def _unmap(self, key: bytes) -> None:
         if self._mapped[key] <= 0:
@@ -503,8 +723,8 @@ class NvlinkBackend(Backend):
             entry[1] -= 1
             if entry[1] <= 0:
                 del _MAPS[key]
-                with contextlib.suppress(Exception):
-                    self._cu.ipc_close(entry[0])
+                with contextlib.suppress(Exception), self._cp.cuda.Device(entry[3]):
+                    entry[2]()
 
     def load_remote(
         self, peer: str, mem_type: MemType, rows: U64, blobs: Sequence[bytes]
@@ -536,10 +756,20 @@ class NvlinkBackend(Backend):
                 if conn.pid == self._pid:  # an agent of this very process: same addresses
                     out.append(_RemoteReg(peer, addr, length, False, dev, 0, b""))
                     continue
-                mapped = self._map(b.ipc_handle, dev, where)
-                out.append(
-                    _RemoteReg(peer, addr, length, False, dev, mapped - b.alloc_base, b.ipc_handle)
-                )
+                if b.kind == KIND_VMM:
+                    key = (
+                        b"VMM"
+                        + conn.sock_addr
+                        + struct.pack(f"<{len(b.chunks)}Q", *(c[2] for c in b.chunks))
+                    )
+                    opener: Callable[[], tuple[int, Any]] = functools.partial(
+                        self._open_vmm, conn, b, dev, where
+                    )
+                else:
+                    key = b.ipc_handle
+                    opener = functools.partial(self._open_ipc, key, dev, where)
+                mapped = self._map(key, dev, where, opener)
+                out.append(_RemoteReg(peer, addr, length, False, dev, mapped - b.alloc_base, key))
         except BaseException:
             for r in out:
                 if r.key:
@@ -620,10 +850,11 @@ class NvlinkBackend(Backend):
             path = "nvlink:ipc" if self._peers[peer].pid != self._pid else "nvlink:process"
         return dev, path + "+host" if host else path
 
-    def _finish(self, req: _Request, d_table: Any, m: int) -> _Request:
-        """Point the copy kernel's arguments at a (3, max(m, 1)) device table."""
+    def _finish(self, req: _Request, d_table: Any, m: int, row: int = 0) -> _Request:
+        """Point the copy kernel's arguments at a (3, max(m, 1)) device table (or at a buffer
+        whose rows of ``row`` bytes start with the table)."""
         base = int(d_table.data.ptr)
-        row = int(d_table.shape[1]) * 8
+        row = row or int(d_table.shape[1]) * 8
         req.table = d_table
         req.chunks = m
         req.args = (
@@ -716,10 +947,13 @@ class NvlinkBackend(Backend):
         remote_idx: npt.NDArray[np.integer[Any]],
         peer: str,
     ) -> BackendRequest:
-        """The request's table, gathered on the GPU from both lists' resident columns.
+        """The request's table, on the backend's stream (the copy kernel follows on it, so no
+        synchronize).
 
-        One int32 index upload (one array when both sides use the same indices) and one gather
-        kernel, on the backend's stream (the copy kernel follows on it, so no synchronize).
+        Up to ``host_gather_max`` descriptors: numpy gathers the table into a pinned staging
+        buffer and one async copy uploads it. More: one int32 index upload (one array when both
+        sides use the same indices) from pinned staging into the request's one device buffer,
+        and one gather kernel reads the lists' resident columns.
         """
         ls, rs = local_state, remote_state
         assert isinstance(ls, _SideState) and isinstance(rs, _SideState)
@@ -732,20 +966,49 @@ class NvlinkBackend(Backend):
             lens = np.full(n, ls.ulen, np.uint64) if ls.lens is None else ls.lens.take(local_idx)
             src, dst = (lptr, rptr) if op is XferOp.WRITE else (rptr, lptr)
             return self._host_table(req, src, dst, lens, max_len)
-        lc, rc = self._cols(ls, dev), self._cols(rs, dev)
-        same = remote_idx is local_idx
-        h_idx = np.empty((1 if same else 2, n), np.int32)
-        h_idx[0] = local_idx
-        if not same:
-            h_idx[1] = remote_idx
         cp = self._cp
         stream = self._stream(dev)
+        write = op is XferOp.WRITE
+        if n <= self._host_gather_max:
+            # Few descriptors: gather on the host straight into pinned staging memory; one async
+            # copy fills the request's table (no kernel launch, no host synchronize).
+            nb = 24 * n
+            with cp.cuda.Device(dev):
+                d_table = cp.empty((3, max(n, 1)), cp.uint64)
+                with self._stage_lock:
+                    st = self._staging(dev, nb)
+                    t = st.host[:nb].view(np.uint64).reshape(3, n)
+                    np.take(ls.ptrs, local_idx, out=t[0 if write else 1])
+                    np.take(rs.ptrs, remote_idx, out=t[1 if write else 0])
+                    if ls.lens is None:
+                        t[2] = ls.ulen
+                    else:
+                        np.take(ls.lens, local_idx, out=t[2])
+                    if n:
+                        self._cu.rt.memcpyAsync(
+                            int(d_table.data.ptr), st.ptr, nb, _MEMCPY_H2D, stream.ptr
+                        )
+                    st.event.record(stream)
+                req.event = cp.cuda.Event(block=False, disable_timing=True)
+            req.staged = True
+            return self._finish(req, d_table, n)
+        lc, rc = self._cols(ls, dev), self._cols(rs, dev)
+        same = remote_idx is local_idx
+        nidx = n if same else 2 * n
         with cp.cuda.Device(dev):
-            d_idx = cp.empty(h_idx.shape, cp.int32)
-            d_idx.set(h_idx, stream=stream)
-            d_table = cp.empty((3, n), cp.uint64)
-            ip = int(d_idx.data.ptr)
-            tp = int(d_table.data.ptr)
+            # One device buffer: the (3, n) table, then the int32 indices (uploaded from pinned
+            # staging memory by an async copy on the backend's stream).
+            d_buf = cp.empty(3 * n + (nidx + 1) // 2, cp.uint64)
+            tp = int(d_buf.data.ptr)
+            ip = tp + 24 * n
+            with self._stage_lock:
+                st = self._staging(dev, 4 * nidx)
+                iv = st.host[: 4 * nidx].view(np.int32)
+                iv[:n] = local_idx
+                if not same:
+                    iv[n:] = remote_idx
+                self._cu.rt.memcpyAsync(ip, st.ptr, 4 * nidx, _MEMCPY_H2D, stream.ptr)
+                st.event.record(stream)
             lp = int(lc.data.ptr)
             with stream:
                 self._gather(
@@ -762,12 +1025,30 @@ class NvlinkBackend(Backend):
                         np.uint64(tp + 16 * n),
                         np.int64(n),
                         np.int64(ls.ulen),
-                        np.int32(op is XferOp.WRITE),
+                        np.int32(write),
                     ),
                 )
             req.event = cp.cuda.Event(block=False, disable_timing=True)
-        req.keep = (d_idx, lc, rc)
-        return self._finish(req, d_table, n)
+        req.keep = (d_buf, lc, rc)
+        return self._finish(req, d_buf, n, row=8 * n)
+
+    def _staging(self, dev: int, nbytes: int) -> _Stage:
+        """The next pinned staging slot of GPU ``dev`` with room for ``nbytes``, free to write
+        (its previous copy has run). Call with ``_stage_lock`` held and ``dev`` current."""
+        ring = self._stages.setdefault(dev, [])
+        k = self._stage_next.get(dev, 0)
+        self._stage_next[dev] = (k + 1) % _STAGE_SLOTS
+        want = max(nbytes, 1 << 16)
+        if k >= len(ring):
+            st = _Stage(self._cp, want)
+            ring.append(st)
+            return st
+        st = ring[k]
+        if not st.event.done:
+            st.event.synchronize()
+        if st.nbytes < nbytes:
+            st = ring[k] = _Stage(self._cp, max(want, 2 * st.nbytes))
+        return st
 
     def post(self, req: BackendRequest, notif: bytes | None) -> XferStatus:
         return self._post(req, notif, getattr(self._tls, "after", None))
@@ -859,7 +1140,7 @@ class NvlinkBackend(Backend):
             # A launched kernel cannot be aborted; it ends within the transfer's duration.
             with contextlib.suppress(Exception):
                 req.event.synchronize()
-        elif req.keep and not req.posted:
+        elif (req.keep or req.staged) and not req.posted:
             # Never posted: its gather kernel may still be queued; its arrays go back to the
             # memory pool only after it ran.
             with contextlib.suppress(Exception):
@@ -1040,14 +1321,46 @@ class NvlinkBackend(Backend):
                 continue  # not from an NVLINK peer
             self._inbox.append((frame[2 : 2 + n].decode("utf-8", "replace"), frame[2 + n :]))
 
+    def _serve_fd(self) -> None:
+        """Answer one fd request: b"NVF1" | u64 allocation id -> b"\\0" + the fd (SCM_RIGHTS),
+        or b"\\1" when the id is unknown or the asking process belongs to another user."""
+        try:
+            conn, _ = self._fdsrv.accept()
+        except OSError:
+            return
+        with conn:
+            try:
+                conn.settimeout(5.0)
+                creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+                _, uid, _ = struct.unpack("3i", creds)
+                req = b""
+                while len(req) < 12:
+                    part = conn.recv(12 - len(req))
+                    if not part:
+                        return
+                    req += part
+                (aid,) = struct.unpack_from("<Q", req, 4)
+                with self._fds_lock:
+                    fd = self._fds.get(aid) if req[:4] == _FD_MAGIC else None
+                    if fd is None or uid != os.getuid():
+                        conn.sendall(b"\1")
+                        return
+                    socket.send_fds(conn, [b"\0"], [fd])
+            except OSError:
+                return
+
     def _receive(self) -> None:
         poller = select.poll()
         poller.register(self._rx, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
+        poller.register(self._fdsrv, select.POLLIN)
+        fdsrv = self._fdsrv.fileno()
         while True:
             events = poller.poll()
             if any(fd == self._wake_r for fd, _ in events):
                 return
+            if any(fd == fdsrv for fd, _ in events):
+                self._serve_fd()
             with self._rx_lock:
                 self._drain()
 
@@ -1085,5 +1398,13 @@ class NvlinkBackend(Backend):
         self._rx_thread.join(timeout=5.0)
         self._rx.close()
         self._tx.close()
+        self._fdsrv.close()
+        with self._fds_lock:
+            for ex in self._exports.values():
+                with contextlib.suppress(OSError):
+                    os.close(ex.fd)
+            self._exports.clear()
+            self._fds.clear()
+        self._stages.clear()
         os.close(self._wake_r)
         os.close(self._wake_w)

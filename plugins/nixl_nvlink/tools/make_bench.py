@@ -1,9 +1,12 @@
-"""make() cost of NVLINK with prepared lists: GPU gather (device_gather=1) vs host gather (=0).
+"""make() cost of NVLINK with prepared lists: staged host gather, GPU gather, old host path.
 
 One process, one agent, VRAM -> VRAM on one GPU (path nvlink:local; make's cost does not depend
 on where the remote memory lives, only on the descriptor count). For each batch size, both
 prepared lists hold 65536 4 KiB blocks and every request picks ``batch`` of them with two random
-index arrays (the KV-cache pattern). Prints medians in microseconds:
+index arrays (the KV-cache pattern). Paths: ``host staged`` (host_gather_max large: numpy gathers
+into pinned staging memory, one async copy), ``device gather`` (host_gather_max=0: index upload
+from pinned staging + gather kernel), ``default`` (the backend's default crossover) and
+``host + sync upload`` (device_gather=0, the create path). Prints medians in microseconds:
 
     make         agent.make(...) alone (the request's table built and resident)
     post+done    post() to wait() == DONE of that request
@@ -31,11 +34,19 @@ from nixl_core import Agent, DescList
 BLK, N = 4096, 65536
 
 
-def run(gather: str, batches: list[int], iters: int) -> list[tuple[int, float, float, float]]:
-    """Rows (batch, make us, post+done us, make+xfer us) for one device_gather setting."""
-    a = Agent(
-        f"mk{gather}", backends=["NVLINK"], backend_params={"NVLINK": {"device_gather": gather}}
-    )
+PATHS = (
+    ("host staged", {"host_gather_max": str(1 << 30)}),
+    ("device gather", {"host_gather_max": "0"}),
+    ("default", {}),
+    ("host + sync upload", {"device_gather": "0"}),
+)
+
+
+def run(
+    params: dict[str, str], batches: list[int], iters: int
+) -> list[tuple[int, float, float, float]]:
+    """Rows (batch, make us, post+done us, make+xfer us) for one parameter setting."""
+    a = Agent(f"mk{len(params)}", backends=["NVLINK"], backend_params={"NVLINK": params})
     try:
         src = cp.arange(N * BLK, dtype=cp.uint8)
         dst = cp.zeros(N * BLK, cp.uint8)
@@ -65,7 +76,7 @@ def run(gather: str, batches: list[int], iters: int) -> list[tuple[int, float, f
             # correctness of the last request
             got = cp.asnumpy(dst.reshape(N, BLK)[cp.asarray(ri)])
             want = cp.asnumpy(src.reshape(N, BLK)[cp.asarray(li)])
-            assert np.array_equal(got, want), f"device_gather={gather} batch={batch}: wrong bytes"
+            assert np.array_equal(got, want), f"{params} batch={batch}: wrong bytes"
             rows.append(
                 (batch, statistics.median(mk), statistics.median(px), statistics.median(once))
             )
@@ -75,7 +86,7 @@ def run(gather: str, batches: list[int], iters: int) -> list[tuple[int, float, f
 
 
 def profile(batch: int, iters: int) -> None:
-    """cProfile of make() + release() with the device gather, ``batch`` descriptors each."""
+    """cProfile of make() + release() (default params), ``batch`` descriptors each."""
     a = Agent("mkprof", backends=["NVLINK"])
     try:
         src = cp.zeros(N * BLK, cp.uint8)
@@ -105,12 +116,12 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--profile", type=int, default=0, metavar="BATCH")
     args = ap.parse_args()
-    batches = [64, 4096, 65536]
+    batches = [64, 256, 1024, 4096, 65536]
     name = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
     print(f"# {name}, 4 KiB blocks, prepared lists of {N}, median of {args.iters}, microseconds")
     print(f"{'path':<22}{'batch':>7}{'make':>10}{'post+done':>11}{'make+xfer':>11}{'GB/s':>9}")
-    for gather, label in (("1", "device gather (new)"), ("0", "host gather + upload")):
-        for batch, mk, px, once in run(gather, batches, args.iters):
+    for label, params in PATHS:
+        for batch, mk, px, once in run(params, batches, args.iters):
             gbs = batch * BLK / (px * 1e-6) / 1e9
             print(f"{label:<22}{batch:>7}{mk:>10.1f}{px:>11.1f}{once:>11.1f}{gbs:>9.1f}")
     if args.profile:
