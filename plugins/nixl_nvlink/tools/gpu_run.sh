@@ -28,7 +28,7 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
     run "${B[@]}" --initiator-seg VRAM --target-seg VRAM --start-block-size 256K --max-block-size 256K --batch-size 2048 --total-buffer-size 512M
     run "${B[@]}" --initiator-seg VRAM --target-seg VRAM --start-block-size 16M --max-block-size 16M --batch-size 32 --total-buffer-size 512M --large-blk-iter-ftr 1
     run "${B[@]}" --initiator-seg VRAM --target-seg VRAM --start-block-size 4K --max-block-size 4K --batch-size 64 --total-buffer-size 256M --num-iter 2000 --warmup-iter 200
-    run "${B[@]}" --initiator-seg DRAM --target-seg VRAM --start-block-size 32K --max-block-size 32K --batch-size 16384 --total-buffer-size 512M --num-iter 10
+    run "${B[@]}" --initiator-seg DRAM --target-seg VRAM --start-block-size 32K --max-block-size 32K --batch-size 16384 --total-buffer-size 512M --num-iter 50
   } | tee "$OUT/bench.txt"
   timeout 120 python3 plugins/nixl_nvlink/tools/host_copy_compare.py 2>&1 | tee "$OUT/hostcmp.txt"
 fi
