@@ -154,6 +154,45 @@ def test_short_read_at_eof_names_file_and_offset(agent: Agent, tmp_path: Path) -
     assert ei.value.offset == 4096 and ei.value.index == 1 and ei.value.path == str(path)
 
 
+def test_one_io_requests_run_inside_post(tmp_path: Path) -> None:
+    """engine=auto: a one-descriptor buffered request is one system call inside post (DONE when
+    post returns, the engine never sees it); uncached data and EOF fall back to the engine."""
+    path = tmp_path / "one.bin"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    agent = Agent("posix-one", backends=["POSIX"])
+    try:
+        backend = agent.backend("POSIX")
+        assert isinstance(backend, PosixBackend)
+        agent.register([(0, 0, fd)], "FILE")
+        src, back = _pattern(8192, 4), np.zeros(8192, np.uint8)
+        agent.register(src)
+        agent.register(back)
+        blk = DescList.from_tuples([(src.ctypes.data, 8192, 0)], "DRAM")
+        with agent.create("WRITE", blk, _file_descs(np.array([12288]), 8192, fd), agent.name) as w:
+            assert w.post() is XferStatus.DONE
+            assert w.backend_request.id == 0  # type: ignore[attr-defined]
+        assert path.read_bytes()[12288:] == src.tobytes() and os.stat(path).st_size == 20480
+        into = DescList.from_tuples([(back.ctypes.data, 8192, 0)], "DRAM")
+        with agent.create("READ", into, _file_descs(np.array([12288]), 8192, fd), agent.name) as r:
+            assert r.post() is XferStatus.DONE
+            if backend._nowait_reads:  # this file system serves RWF_NOWAIT reads
+                assert r.backend_request.id == 0  # type: ignore[attr-defined]
+            np.testing.assert_array_equal(back, src)
+            back[:] = 0
+            os.fsync(fd)  # not cached any more: the read goes to the engine, same bytes
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            r.post()
+            assert r.wait(30) is XferStatus.DONE
+            np.testing.assert_array_equal(back, src)
+        past = _file_descs(np.array([16384]), 8192, fd)  # 4096 bytes before EOF
+        with pytest.raises(FileIOError, match=rf"short read at EOF: {path} at offset 16384") as ei:
+            _run(agent, "READ", into, past)
+        assert ei.value.index == 0 and ei.value.offset == 16384
+    finally:
+        agent.close()
+        os.close(fd)
+
+
 def test_write_to_read_only_file_is_an_error(agent: Agent, tmp_path: Path) -> None:
     path = tmp_path / "ro.bin"
     path.write_bytes(bytes(8192))
