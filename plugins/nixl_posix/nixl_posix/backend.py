@@ -93,10 +93,11 @@ def parse_path_meta(meta: bytes) -> tuple[frozenset[str], str] | None:
 class _File:
     """A FILE registration's handle."""
 
-    __slots__ = ("dev", "direct", "fd", "owned", "path")
+    __slots__ = ("dev", "direct", "fd", "nowait", "owned", "path")
 
     def __init__(self, fd: int, path: str, owned: bool, direct: bool, dev: int) -> None:
         self.fd, self.path, self.owned, self.direct, self.dev = fd, path, owned, direct, dev
+        self.nowait = _preadv2 is not None  # RWF_NOWAIT reads work here (until refused once)
 
 
 def _open(path: str, modes: frozenset[str]) -> int:
@@ -152,8 +153,9 @@ class _Request(BackendRequest):
         self.canceled = False
         self.stopped = False  # nothing more will be submitted (released, or a submit failed)
         self.bad: tuple[int, int] | None = None  # (I/O index, res) of the first failure
-        # One buffered I/O of at most inline_max_bytes: (fd, iovec) for post's one-call path.
-        self.single: tuple[int, Any, int] | None = None  # (fd, iovec, file offset)
+        # One buffered I/O of at most inline_max_bytes, for post's one-call path:
+        # (fd, iovec, file offset, the file's handle).
+        self.single: tuple[int, Any, int, _File] | None = None
 
     def fd_of(self, i: int) -> int:
         return int(self.fds) if np.ndim(self.fds) == 0 else int(self.fds[i])  # type: ignore[index]
@@ -690,7 +692,6 @@ class PosixBackend(Backend):
             if e is not None
         )  # fmt: skip
         self._stager = Stager(self.name, staging, self._run_io)
-        self._nowait_reads = _preadv2 is not None
         self._auto = engine == "auto"  # a forced engine runs every request, one-I/O ones too
         self._closed = False
 
@@ -860,8 +861,9 @@ class PosixBackend(Backend):
         req.engine = engine
         req.path = engine.path
         if self._auto and req.n == 1 and direct is None and total <= self._inline_max:
+            fd = req.fd_of(0)
             iov = (ctypes.c_uint64 * 2)(int(addrs[0]), int(lens[0]))
-            req.single = (req.fd_of(0), iov, int(offs[0]))
+            req.single = (fd, iov, int(offs[0]), files[fd])
         return req
 
     def _prepare_vram(
@@ -936,13 +938,13 @@ class PosixBackend(Backend):
         any error) when the data is not cached, the call moved fewer bytes, or it failed.
         """
         assert req.single is not None
-        fd, iov, off = req.single
+        fd, iov, off, handle = req.single
         if req.op is XferOp.READ:
-            if not self._nowait_reads:
+            if not handle.nowait:
                 return False
             r = _preadv2(fd, iov, 1, off, _RWF_NOWAIT)  # type: ignore[misc]
-            if r < 0 and ctypes.get_errno() in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                self._nowait_reads = False  # this kernel or file system lacks RWF_NOWAIT reads
+            if r < 0 and ctypes.get_errno() in (errno.EOPNOTSUPP, errno.ENOSYS):
+                handle.nowait = False  # this kernel or file system lacks RWF_NOWAIT reads
                 return False
         else:
             r = _pwrite(fd, iov[0], iov[1], off)
