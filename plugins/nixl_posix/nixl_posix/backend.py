@@ -536,6 +536,7 @@ if _preadv2 is not None:
     _preadv2.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int]
     _preadv2.restype = ctypes.c_ssize_t
 _RWF_NOWAIT = 0x8
+_ONE_CALL_PATH = "posix:one-call"  # telemetry path of a request served by post's one system call
 
 
 class _ThreadEngine:
@@ -922,10 +923,16 @@ class PosixBackend(Backend):
             return req.status
         assert isinstance(req, _Request)
         req.reset()
-        if req.n == 0 or (req.single is not None and self._one_call(req)):
+        assert req.engine is not None
+        if req.single is not None:
+            if self._one_call(req):
+                req.path = _ONE_CALL_PATH
+                req.status = XferStatus.DONE
+                return req.status
+            req.path = req.engine.path
+        if req.n == 0:
             req.status = XferStatus.DONE
             return req.status
-        assert req.engine is not None
         req.engine.start(req)
         return req.status
 

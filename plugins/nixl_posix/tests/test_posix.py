@@ -169,6 +169,7 @@ def test_one_io_requests_run_inside_post(tmp_path: Path) -> None:
         with agent.create("WRITE", blk, _file_descs(np.array([12288]), 8192, fd), agent.name) as w:
             assert w.post() is XferStatus.DONE
             assert w.backend_request.id == 0  # type: ignore[attr-defined]
+            assert w.telemetry.path == "posix:one-call"
         assert path.read_bytes()[12288:] == src.tobytes() and os.stat(path).st_size == 20480
         into = DescList.from_tuples([(back.ctypes.data, 8192, 0)], "DRAM")
         with agent.create("READ", into, _file_descs(np.array([12288]), 8192, fd), agent.name) as r:
