@@ -18,18 +18,13 @@ as cross-memory attach requires; ``ptrace_scope >= 2`` makes the backend unavail
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import ctypes
 import errno
 import os
-import select
-import socket
 import struct
 import sys
-import threading
 import time
-import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -48,6 +43,7 @@ from nixl_core.errors import (
     UnknownAgentError,
 )
 from nixl_core.memory import MemType
+from nixl_core.notif_socket import NotifSocket
 
 __all__ = ["LoopbackBackend"]
 
@@ -193,14 +189,8 @@ class LoopbackBackend(Backend):
             self._libc.prctl(_PR_SET_PTRACER, _PR_SET_PTRACER_ANY, 0, 0, 0)
         self._pid = os.getpid()
         self._boot, self._pidns = _host_identity()
-        self._addr = b"\0nixl-loopback-" + uuid.uuid4().hex.encode()
-        self._rx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._rx.bind(self._addr)
-        self._rx.setblocking(False)
-        self._tx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._tx.settimeout(5.0)
-        self._tx_lock = threading.Lock()
-        self._self_notifs: collections.deque[tuple[str, bytes]] = collections.deque()
+        self._notifs = NotifSocket(self.name, agent_name)
+        self._addr = self._notifs.addr
         self._peers: dict[str, tuple[int, bytes]] = {}
         self._pool = concurrent.futures.ThreadPoolExecutor(
             threads, thread_name_prefix="nixl-loopback"
@@ -209,17 +199,7 @@ class LoopbackBackend(Backend):
         #: Counters of the indexed hooks (read by tests).
         self.sides_prepped = 0
         self.indexed_made = 0
-        # A receive thread drains the socket as datagrams arrive: the kernel queues only a few
-        # (net.unix.max_dgram_qlen), and a sender must not block because this agent's user has
-        # not called get_notifs() yet. get_notifs() drains too; both drain under one lock, so
-        # the messages of one sender stay in order.
-        self._inbox: collections.deque[tuple[str, bytes]] = collections.deque()
-        self._rx_lock = threading.Lock()
-        self._wake_r, self._wake_w = os.pipe()
-        self._rx_thread = threading.Thread(
-            target=self._receive, name=f"nixl-loopback-rx-{agent_name}", daemon=True
-        )
-        self._rx_thread.start()
+        self._notifs.start()
 
     # ------------------------------------------------------------------ memory
     def register(self, mem_type: MemType, rows: U64, metas: Sequence[bytes]) -> list[Any]:
@@ -454,69 +434,20 @@ class LoopbackBackend(Backend):
 
     # ------------------------------------------------------------------ notifications
     def send_notif(self, peer: str, msg: bytes) -> None:
-        name = self.agent_name.encode()
         if peer == self.agent_name:
-            self._self_notifs.append((self.agent_name, bytes(msg)))
+            self._notifs.send(peer, b"", msg)
             return
         known = self._peers.get(peer)
         if known is None:
             raise UnknownAgentError(peer)
-        frame = struct.pack("<H", len(name)) + name + bytes(msg)
-        try:
-            with self._tx_lock:
-                self._tx.sendto(frame, known[1])
-        except (ConnectionRefusedError, FileNotFoundError) as exc:
-            raise RemoteDisconnectError(
-                f"notification to {peer!r} failed: its agent is gone ({exc})", backend=self.name
-            ) from exc
-        except OSError as exc:
-            raise TransferError(
-                f"notification to {peer!r} failed: {exc}", backend=self.name
-            ) from exc
-
-    def _drain(self) -> None:
-        """Move every queued datagram into the inbox (caller holds ``_rx_lock``)."""
-        while True:
-            try:
-                frame = self._rx.recv(1 << 20)
-            except (BlockingIOError, OSError):
-                return
-            if len(frame) < 2:
-                continue
-            (n,) = struct.unpack_from("<H", frame)
-            if 2 + n > len(frame):
-                continue  # malformed datagram: not from a LOOPBACK peer
-            self._inbox.append((frame[2 : 2 + n].decode("utf-8", "replace"), frame[2 + n :]))
-
-    def _receive(self) -> None:
-        poller = select.poll()
-        poller.register(self._rx, select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
-        while True:
-            events = poller.poll()
-            if any(fd == self._wake_r for fd, _ in events):
-                return  # close() asked to stop
-            with self._rx_lock:
-                self._drain()
+        self._notifs.send(peer, known[1], msg)
 
     def get_notifs(self) -> list[tuple[str, bytes]]:
-        out: list[tuple[str, bytes]] = []
-        while self._self_notifs:
-            out.append(self._self_notifs.popleft())
-        with self._rx_lock:
-            self._drain()
-            while self._inbox:
-                out.append(self._inbox.popleft())
-        return out
+        return self._notifs.take()
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         self._pool.shutdown(wait=True, cancel_futures=True)
-        os.write(self._wake_w, b"x")  # the receive thread ends
-        self._rx_thread.join(timeout=5.0)
-        self._rx.close()
-        self._tx.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        self._notifs.close()

@@ -45,13 +45,11 @@ import functools
 import importlib.util
 import logging
 import os
-import select
 import socket
 import struct
 import sys
 import threading
 import time
-import uuid
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
@@ -68,11 +66,11 @@ from nixl_core.errors import (
     NixlError,
     NotSupportedError,
     RegistrationError,
-    RemoteDisconnectError,
     TransferError,
     UnknownAgentError,
 )
 from nixl_core.memory import MemType
+from nixl_core.notif_socket import NotifSocket
 from nixl_core.xfer import XferRequest
 from nixl_nvlink._wire import (
     KIND_DEVICE,
@@ -369,16 +367,8 @@ class NvlinkBackend(Backend):
         self._lock = threading.RLock()
         self._closed = False
         # Notifications: an abstract Unix datagram socket (same host, no file to clean up).
-        self._addr = b"\0nixl-nvlink-" + uuid.uuid4().hex.encode()
-        self._rx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._rx.bind(self._addr)
-        self._rx.setblocking(False)
-        self._tx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._tx.settimeout(5.0)
-        self._self_notifs: collections.deque[tuple[str, bytes]] = collections.deque()
-        self._inbox: collections.deque[tuple[str, bytes]] = collections.deque()
-        self._rx_lock = threading.Lock()
-        self._wake_r, self._wake_w = os.pipe()
+        self._notifs = NotifSocket(self.name, agent_name)
+        self._addr = self._notifs.addr
         # VMM exports: a stream socket next to the datagram one serves their POSIX fds.
         self._exports: dict[int, _Export] = {}  # chunk base -> export
         self._fds: dict[int, int] = {}  # allocation id -> fd
@@ -391,10 +381,7 @@ class NvlinkBackend(Backend):
         self._stages: dict[int, list[_Stage]] = {}
         self._stage_next: dict[int, int] = {}
         self._stage_lock = threading.Lock()
-        self._rx_thread = threading.Thread(
-            target=self._receive, name=f"nixl-nvlink-rx-{agent_name}", daemon=True
-        )
-        self._rx_thread.start()
+        self._notifs.start([(self._fdsrv, self._serve_fd)])  # one thread serves both sockets
         # Posted requests whose notification waits for their event: the notifier thread sends
         # it when nobody polls (poll sends it first when someone does).
         self._nlock = threading.Condition()
@@ -1288,38 +1275,13 @@ class NvlinkBackend(Backend):
             time.sleep(2e-4)
 
     def send_notif(self, peer: str, msg: bytes) -> None:
-        name = self.agent_name.encode()
         if peer == self.agent_name:
-            self._self_notifs.append((self.agent_name, bytes(msg)))
+            self._notifs.send(peer, b"", msg)
             return
         conn = self._peers.get(peer)
         if conn is None:
             raise UnknownAgentError(peer)
-        frame = struct.pack("<H", len(name)) + name + bytes(msg)
-        try:
-            with self._lock:
-                self._tx.sendto(frame, conn.sock_addr)
-        except (ConnectionRefusedError, FileNotFoundError) as exc:
-            raise RemoteDisconnectError(
-                f"notification to {peer!r} failed: its agent is gone ({exc})", backend=self.name
-            ) from exc
-        except OSError as exc:
-            raise TransferError(
-                f"notification to {peer!r} failed: {exc}", backend=self.name
-            ) from exc
-
-    def _drain(self) -> None:
-        while True:
-            try:
-                frame = self._rx.recv(1 << 20)
-            except OSError:  # BlockingIOError included: nothing more queued
-                return
-            if len(frame) < 2:
-                continue
-            (n,) = struct.unpack_from("<H", frame)
-            if 2 + n > len(frame):
-                continue  # not from an NVLINK peer
-            self._inbox.append((frame[2 : 2 + n].decode("utf-8", "replace"), frame[2 + n :]))
+        self._notifs.send(peer, conn.sock_addr, msg)
 
     def _serve_fd(self) -> None:
         """Answer one fd request: b"NVF1" | u64 allocation id -> b"\\0" + the fd (SCM_RIGHTS),
@@ -1349,30 +1311,8 @@ class NvlinkBackend(Backend):
             except OSError:
                 return
 
-    def _receive(self) -> None:
-        poller = select.poll()
-        poller.register(self._rx, select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
-        poller.register(self._fdsrv, select.POLLIN)
-        fdsrv = self._fdsrv.fileno()
-        while True:
-            events = poller.poll()
-            if any(fd == self._wake_r for fd, _ in events):
-                return
-            if any(fd == fdsrv for fd, _ in events):
-                self._serve_fd()
-            with self._rx_lock:
-                self._drain()
-
     def get_notifs(self) -> list[tuple[str, bytes]]:
-        out: list[tuple[str, bytes]] = []
-        while self._self_notifs:
-            out.append(self._self_notifs.popleft())
-        with self._rx_lock:
-            self._drain()
-            while self._inbox:
-                out.append(self._inbox.popleft())
-        return out
+        return self._notifs.take()
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
@@ -1394,10 +1334,7 @@ class NvlinkBackend(Backend):
                 reg.pinned = False
         self._local_regs.clear()
         self._remote_regs.clear()
-        os.write(self._wake_w, b"x")
-        self._rx_thread.join(timeout=5.0)
-        self._rx.close()
-        self._tx.close()
+        self._notifs.close()
         self._fdsrv.close()
         with self._fds_lock:
             for ex in self._exports.values():
@@ -1406,5 +1343,3 @@ class NvlinkBackend(Backend):
             self._exports.clear()
             self._fds.clear()
         self._stages.clear()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
