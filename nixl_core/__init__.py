@@ -5,15 +5,16 @@ reference LOOPBACK backend (same-host DRAM) so it works with no plugin installed
 """
 
 from nixl_core._plugins import (
-    PLUGIN_API_VERSION,
     BackendInfo,
     BackendRegistry,
+    default_backend,
     list_backends,
     reset_plugin_manager,
 )
 from nixl_core._version import __version__
 from nixl_core.agent import INIT_AGENT, Agent, AgentConfig
 from nixl_core.backend import (
+    PLUGIN_API_VERSION,
     Availability,
     Backend,
     BackendRequest,
@@ -33,7 +34,6 @@ from nixl_core.errors import (
     MetadataError,
     NixlError,
     NotAllowedError,
-    NoTelemetryError,
     NotFoundError,
     NotPostedError,
     NotSupportedError,
@@ -49,7 +49,9 @@ from nixl_core.errors import (
     UnknownAgentError,
 )
 from nixl_core.hookspecs import hookimpl
+from nixl_core.host import HostIdentity
 from nixl_core.memory import MemType
+from nixl_core.params import Param, ResolvedParams
 from nixl_core.xfer import KEEP, PreppedList, XferRequest, XferTelemetry
 
 __all__ = [
@@ -67,6 +69,7 @@ __all__ = [
     "BackendUnavailableError",
     "DescList",
     "DuplicateBackendError",
+    "HostIdentity",
     "InvalidDescriptorError",
     "InvalidParamError",
     "LengthMismatchError",
@@ -74,17 +77,18 @@ __all__ = [
     "MemTypeError",
     "MetadataError",
     "NixlError",
-    "NoTelemetryError",
     "NotAllowedError",
     "NotFoundError",
     "NotPostedError",
     "NotSupportedError",
+    "Param",
     "PluginError",
     "PreppedList",
     "RegDescList",
     "RegistrationError",
     "RemoteDisconnectError",
     "RepostActiveError",
+    "ResolvedParams",
     "StaleHandleError",
     "Status",
     "TransferCanceledError",
@@ -99,6 +103,7 @@ __all__ = [
     "__version__",
     "as_descs",
     "as_reg_descs",
+    "default_backend",
     "hookimpl",
     "list_backends",
     "reset_plugin_manager",

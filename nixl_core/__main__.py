@@ -1,4 +1,6 @@
-"""``python -m nixl_core backends``: list the installed backends, available or not and why."""
+"""``python -m nixl_core backends [--params] [--json]``: the installed backends, available or not
+and why, what creating them does to the process, and (``--params``) every backend's parameters
+with defaults, environment variables and where the value would come from now."""
 
 from __future__ import annotations
 
@@ -17,12 +19,15 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("backends", help="list installed backends and whether they can run here")
     b.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    b.add_argument(
+        "--params", action="store_true", help="also list each backend's parameters and sources"
+    )
     args = parser.parse_args(argv)
     infos = list_backends()
     if args.json:
         print(json.dumps([attrs.asdict(i) for i in infos], indent=2))
     else:
-        print(format_backends(infos))
+        print(format_backends(infos, params=args.params))
     return 0
 
 

@@ -10,10 +10,13 @@ system call releases the GIL) so ``post`` returns at once.
 Notifications travel over an abstract Unix datagram socket owned by the backend; a transfer's
 notification is sent after its copy returned, so the data is visible before it arrives.
 
-Connection info carries the host identity (boot id, pid namespace) and the pid: loading a peer on
-another host or pid namespace is refused with a clear error (use UCX there). On kernels with Yama
-``ptrace_scope=1`` the backend allows any same-user process to attach (``PR_SET_PTRACER_ANY``),
-as cross-memory attach requires; ``ptrace_scope >= 2`` makes the backend unavailable.
+Connection info carries the process's :class:`~nixl_core.host.HostIdentity` (the core's one
+same-host rule) and the notification socket: a peer on another host, network namespace or pid
+namespace is refused with a clear error (use UCX there). On kernels with Yama
+``ptrace_scope=1`` the backend lets any same-user process attach to this one
+(``prctl(PR_SET_PTRACER, PR_SET_PTRACER_ANY)``), as cross-memory attach requires: a change to the
+whole process, logged once at INFO and listed by ``python -m nixl_core backends``.
+``ptrace_scope >= 2`` makes the backend unavailable.
 """
 
 from __future__ import annotations
@@ -21,12 +24,14 @@ from __future__ import annotations
 import concurrent.futures
 import ctypes
 import errno
+import logging
 import os
 import struct
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import attrs
 import numpy as np
@@ -34,31 +39,47 @@ import numpy.typing as npt
 
 from nixl_core.backend import Availability, Backend, BackendRequest, XferOp, XferSide, XferStatus
 from nixl_core.errors import (
-    InvalidParamError,
-    NotSupportedError,
+    MetadataError,
     RemoteDisconnectError,
     RepostActiveError,
     TransferCanceledError,
     TransferError,
     UnknownAgentError,
 )
+from nixl_core.host import HostIdentity, local_identity
 from nixl_core.memory import MemType
 from nixl_core.notif_socket import NotifSocket
+from nixl_core.params import Param
 
 __all__ = ["LoopbackBackend"]
+
+logger = logging.getLogger(__name__)
 
 U64 = npt.NDArray[np.uint64]
 
 _IOV_MAX = 1024
-_CONN_MAGIC = b"NLB1"
+_CONN_MAGIC = b"NLB2"
+_LEN = struct.Struct("<H")
 _PR_SET_PTRACER = 0x59616D61
 _PR_SET_PTRACER_ANY = ctypes.c_ulong(-1 & 0xFFFFFFFFFFFFFFFF)
+_PTRACER_NOTE = (
+    "sets prctl(PR_SET_PTRACER, PR_SET_PTRACER_ANY) on this process at creation "
+    "(kernel.yama.ptrace_scope=1): any process of the same user may then attach to it, as "
+    "cross-memory attach between agents needs; do not create LOOPBACK to avoid it"
+)
+_ptracer_lock = threading.Lock()
+_ptracer_set = False
 
 
-def _host_identity() -> tuple[bytes, int]:
-    with open("/proc/sys/kernel/random/boot_id", "rb") as f:
-        boot = f.read().strip()
-    return boot, os.stat("/proc/self/ns/pid").st_ino
+def _allow_ptracer(libc: _Libc) -> None:
+    """Let same-user processes attach to this one (once per process, logged)."""
+    global _ptracer_set
+    with _ptracer_lock:
+        if _ptracer_set:
+            return
+        libc.prctl(_PR_SET_PTRACER, _PR_SET_PTRACER_ANY, 0, 0, 0)
+        _ptracer_set = True
+    logger.info("LOOPBACK %s", _PTRACER_NOTE)
 
 
 def _ptrace_scope() -> int:
@@ -137,16 +158,11 @@ def _pick(side: XferSide, idx: npt.NDArray[np.integer[Any]], lens: U64) -> XferS
 class LoopbackBackend(Backend):
     """Reference DRAM backend: same-host copies by cross-memory attach, notifications over a socket.
 
-    Params:
-        num_threads: worker threads for transfers that do not run inline (default 1).
-        inline_bytes: transfers up to this many bytes (and 1024 descriptors) complete inside
-            ``post`` (default 4 MiB, about 0.3 ms of copying: a hand-off to the worker thread
-            costs 150-250 us on the 2-core VM, e.g. 64 x 4 KiB took 170-270 us through it and
-            50-64 us inline, 64 x 32 KiB 336 vs 145 us; UCX's cma puts are synchronous in the
-            caller too).
-        indexed: "1" keeps each prepared list's whole side (:meth:`prep_side`) and makes
-            requests from index arrays (:meth:`prepare_indexed`): the reference implementation
-            of those hooks, run by the core's tests; default "0" (the core gathers).
+    ``inline_bytes`` defaults to 4 MiB, about 0.3 ms of copying: a hand-off to the worker thread
+    costs 150-250 us on the 2-core VM (64 x 4 KiB took 170-270 us through it and 50-64 us
+    inline, 64 x 32 KiB 336 vs 145 us), and UCX's cma puts are synchronous in the caller too.
+    ``indexed`` is the reference implementation of :meth:`prep_side` /
+    :meth:`prepare_indexed`, run by the core's tests.
     """
 
     name = "LOOPBACK"
@@ -154,11 +170,23 @@ class LoopbackBackend(Backend):
     supports_local = True
     supports_remote = True
     supports_notif = True
-    default_params: ClassVar[Mapping[str, str]] = {
-        "num_threads": "1",
-        "inline_bytes": str(4 << 20),
-        "indexed": "0",
-    }
+    api_version = 2
+    param_specs = (
+        Param.integer(
+            "num_threads", 1, "worker threads for transfers that do not run inline", minimum=1
+        ),
+        Param.integer(
+            "inline_bytes",
+            4 << 20,
+            "transfers up to this many bytes (and 1024 descriptors) complete inside post",
+            minimum=0,
+        ),
+        Param.boolean(
+            "indexed",
+            False,
+            "keep each prepared list's side and make requests from index arrays (prep_side)",
+        ),
+    )
 
     @classmethod
     def probe(cls) -> Availability:
@@ -172,28 +200,23 @@ class LoopbackBackend(Backend):
             _Libc()
         except (OSError, AttributeError) as exc:
             return Availability(False, f"libc lacks process_vm_writev: {exc}")
-        return Availability(True)
+        notes = (_PTRACER_NOTE,) if _ptrace_scope() == 1 and not _ptracer_set else ()
+        return Availability(True, notes=notes)
 
-    def __init__(self, agent_name: str, params: Mapping[str, Any]) -> None:
+    def __init__(self, agent_name: str, params: Mapping[str, Any] | None = None) -> None:
         super().__init__(agent_name, params)
-        try:
-            threads = int(params.get("num_threads", 1))
-            self._inline = int(params.get("inline_bytes", 4 << 20))
-            self._indexed = str(params.get("indexed", "0")).strip().lower() in ("1", "true", "yes")
-        except (TypeError, ValueError) as exc:
-            raise InvalidParamError(f"LOOPBACK params: {exc}") from exc
-        if threads < 1:
-            raise InvalidParamError(f"LOOPBACK num_threads must be >= 1, got {threads}")
+        self._inline = int(self.params["inline_bytes"])
+        self._indexed = bool(self.params["indexed"])
         self._libc = _Libc()
         if _ptrace_scope() == 1:
-            self._libc.prctl(_PR_SET_PTRACER, _PR_SET_PTRACER_ANY, 0, 0, 0)
-        self._pid = os.getpid()
-        self._boot, self._pidns = _host_identity()
+            _allow_ptracer(self._libc)
+        self._me = local_identity()
+        self._pid = self._me.pid
         self._notifs = NotifSocket(self.name, agent_name)
         self._addr = self._notifs.addr
         self._peers: dict[str, tuple[int, bytes]] = {}
         self._pool = concurrent.futures.ThreadPoolExecutor(
-            threads, thread_name_prefix="nixl-loopback"
+            int(self.params["num_threads"]), thread_name_prefix="nixl-loopback"
         )
         self._closed = False
         #: Counters of the indexed hooks (read by tests).
@@ -213,39 +236,26 @@ class LoopbackBackend(Backend):
         return struct.pack("<Q", handle)
 
     def connection_info(self) -> bytes:
-        return (
-            _CONN_MAGIC
-            + struct.pack("<QIH", self._pidns, self._pid, len(self._boot))
-            + self._boot
-            + struct.pack("<H", len(self._addr))
-            + self._addr
+        me = self._me.encode()
+        return b"".join(
+            (_CONN_MAGIC, _LEN.pack(len(me)), me, _LEN.pack(len(self._addr)), self._addr)
         )
 
     def load_remote_conn(self, peer: str, info: bytes) -> None:
-        try:
-            if info[:4] != _CONN_MAGIC:
-                raise ValueError("bad magic")
-            pidns, pid, nboot = struct.unpack_from("<QIH", info, 4)
-            off = 4 + 14
-            boot = info[off : off + nboot]
-            off += nboot
-            (naddr,) = struct.unpack_from("<H", info, off)
-            addr = info[off + 2 : off + 2 + naddr]
-            if len(boot) != nboot or len(addr) != naddr or off + 2 + naddr != len(info):
-                raise ValueError("length mismatch")
-        except (struct.error, ValueError) as exc:
-            raise InvalidParamError(
-                f"malformed LOOPBACK connection info from {peer!r}: {exc}"
-            ) from exc
-        if boot != self._boot:
-            raise NotSupportedError(
-                f"agent {peer!r} is on another host: LOOPBACK is same-host only; use UCX"
-            )
-        if pidns != self._pidns:
-            raise NotSupportedError(
-                f"agent {peer!r} is in another pid namespace: LOOPBACK cannot attach to it; use UCX"
-            )
-        self._peers[peer] = (pid, addr)
+        what = f"LOOPBACK connection info of {peer!r}"
+        if info[:4] != _CONN_MAGIC or len(info) < 6:
+            raise MetadataError(f"{what}: bad magic or truncated", 0)
+        (n,) = _LEN.unpack_from(info, 4)
+        ident = HostIdentity.decode(info[6 : 6 + n], what)
+        off = 6 + n
+        if off + 2 > len(info):
+            raise MetadataError(f"{what} ends before its socket address", off)
+        (m,) = _LEN.unpack_from(info, off)
+        addr = info[off + 2 : off + 2 + m]
+        if off + 2 + m != len(info):
+            raise MetadataError(f"{what}: socket address length does not match", off)
+        self._me.check_peer(ident, peer=peer, backend=self.name, same_pid_ns=True)
+        self._peers[peer] = (ident.pid, addr)
 
     def load_remote(
         self, peer: str, mem_type: MemType, rows: U64, blobs: Sequence[bytes]

@@ -30,7 +30,7 @@ import numpy as np
 import numpy.typing as npt
 
 from nixl_core._malloc import tune_malloc
-from nixl_core._plugins import INSTALL_HINTS, get_plugin_manager
+from nixl_core._plugins import INSTALL_HINTS, default_backend, get_plugin_manager
 from nixl_core.backend import Backend, BackendRequest, XferOp, XferSide
 from nixl_core.descriptors import DescList, RegDescList, as_descs, as_reg_descs
 from nixl_core.errors import (
@@ -49,9 +49,11 @@ from nixl_core.errors import (
     RemoteDisconnectError,
     StaleHandleError,
     UnknownAgentError,
+    foreign_error,
 )
 from nixl_core.memory import MemType, RegTable
 from nixl_core.metadata import AgentMetadata, Section
+from nixl_core.params import resolve_params
 from nixl_core.xfer import PreppedList, XferRequest, XferTelemetry
 
 __all__ = ["INIT_AGENT", "Agent", "AgentConfig"]
@@ -72,17 +74,22 @@ class AgentConfig:
     """Agent configuration.
 
     Attributes:
-        backends: backends to create at start. None: UCX when its plugin is available, else the
-            reference LOOPBACK backend. Unavailable backends named here raise.
-        backend_params: per-backend parameters, e.g. ``{"UCX": {"num_workers": 2}}``.
-        num_threads: passed to every backend as ``num_threads`` when > 0 (NIXL's meaning).
-        enable_prog_thread: passed to every backend as ``progress_thread``.
+        backends: backends to create at start. None: the core's default
+            (:func:`~nixl_core.default_backend`: UCX when its plugin is available here, else the
+            reference LOOPBACK backend). Unavailable backends named here raise.
+        backend_params: per-backend parameters, e.g. ``{"UCX": {"num_workers": 2}}``; they
+            rank below explicit ``create_backend`` params and above environment variables
+            (:mod:`nixl_core.params`).
+        num_threads: when > 0, the ``num_threads`` of every backend that has one (NIXL's
+            meaning), below ``backend_params``.
+        enable_prog_thread: when not None, the ``progress_thread`` of every backend that has
+            one, below ``backend_params``; None leaves each backend's own default.
     """
 
     backends: Sequence[str] | None = None
     backend_params: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
     num_threads: int = 0
-    enable_prog_thread: bool = False
+    enable_prog_thread: bool | None = None
 
 
 class _Section:
@@ -352,7 +359,9 @@ class Agent:
         self._closed = False
         names = self.config.backends
         if names is None:
-            names = [self._default_backend()]
+            chosen, why = default_backend()
+            logger.debug("agent %s: default backend %s (%s)", name, chosen, why)
+            names = [chosen]
         try:
             for b in names:
                 self.create_backend(b)
@@ -360,12 +369,6 @@ class Agent:
             self.close()
             raise
         self._mgr.pm.hook.nixl_agent_started(agent=self)
-
-    def _default_backend(self) -> str:
-        reg = self._mgr.registry
-        if "UCX" in reg.names() and reg.get("UCX").probe().available:
-            return "UCX"
-        return "LOOPBACK"
 
     def __repr__(self) -> str:
         return f"Agent({self.name!r}, backends={list(self._backends)})"
@@ -401,12 +404,14 @@ class Agent:
 
         Args:
             name: backend type, e.g. "UCX", "POSIX", "LOOPBACK".
-            params: backend parameters; merged over the backend's defaults and the config's.
+            params: backend parameters; they win over the config's, the environment's
+                (``NIXL_<BACKEND>_<PARAM>``) and the defaults (:mod:`nixl_core.params`).
 
         Raises:
             BackendNotFoundError: no installed plugin provides it (message has an install hint).
             BackendUnavailableError: installed but cannot run here (probe's reason).
             DuplicateBackendError: the agent already has one of this type.
+            InvalidParamError: an unknown parameter (with close matches) or a bad value.
         """
         cls = self._mgr.registry.get(name)
         key = cls.name.upper()
@@ -417,16 +422,22 @@ class Agent:
             raise BackendUnavailableError(
                 f"backend {cls.name} is not available here: {avail.reason}"
             )
-        merged: dict[str, Any] = dict(cls.default_params)
-        if self.config.num_threads > 0:
-            merged["num_threads"] = self.config.num_threads
-        if self.config.enable_prog_thread:
-            merged["progress_thread"] = True
+        config: dict[str, Any] = {}
         for k, v in self.config.backend_params.items():
             if k.upper() == key:
-                merged.update(v)
-        merged.update(params or {})
-        backend = cls(self.name, merged)
+                config.update(v)
+        wide: dict[str, Any] = {}
+        if self.config.num_threads > 0:
+            wide["num_threads"] = self.config.num_threads
+        if self.config.enable_prog_thread is not None:
+            wide["progress_thread"] = self.config.enable_prog_thread
+        resolved = resolve_params(cls.name, cls.param_specs, params, config, wide)
+        try:
+            backend = cls(self.name, resolved)
+        except NixlError:
+            raise
+        except Exception as exc:
+            raise foreign_error(exc, cls.name, "start") from exc
         self._backends[key] = backend
         return backend
 
@@ -922,6 +933,43 @@ class Agent:
                 f"{mem_type.value} {what} of {whose}"
             )
         return slots, tuple(found), gen, single
+
+    def resolve(
+        self, peer: str, descs: Any, mem_type: MemType | str | None = None, *, backend: str
+    ) -> XferSide:
+        """Descriptors resolved to one backend's registration handles, for backend helpers.
+
+        A backend's own API that works on user descriptors (e.g. NVLINK's ``mem_view``) calls
+        this instead of keeping its own registration lookup: the descriptors are checked like a
+        transfer's (vectorized), and the result is the side a transfer would hand the backend.
+
+        Args:
+            peer: "" for this agent's own registrations, a remote agent's name for its loaded
+                regions, or this agent's own name for the loopback view of its own memory.
+            descs: a DescList, (N, 3) array, tuples or tensors.
+            mem_type: needed for arrays and tuples.
+            backend: the backend whose handles are wanted.
+
+        Raises:
+            InvalidDescriptorError: a descriptor lies outside every registration (names it).
+            UnknownAgentError: no metadata for ``peer``.
+            NotFoundError: the backend does not hold every descriptor's registration.
+        """
+        b = self.backend(backend)
+        p = self.prep(peer, descs, mem_type, backends=[b.name])
+        sec, _, suffix = self._side(p.peer)
+        n = len(p)
+        return XferSide(
+            p.mem_type,
+            p.addrs,
+            _const(n, p.uniform_len, np.uint64) if p.uniform_len >= 0 else p.lens,
+            _const(n, p.uniform_dev, np.uint64) if p.uniform_dev >= 0 else p.devs,
+            _slots_of(p._slots, n, p.single_slot),
+            sec.handles[b.name + suffix],
+            p.uniform_len,
+            p.uniform_dev,
+            p.single_slot,
+        )
 
     def prep(
         self,

@@ -1,13 +1,25 @@
 """The backend (south-bound) contract every transport plugin implements.
 
-The core owns semantics (registration bookkeeping, descriptor checks, metadata, backend choice,
-the request state machine, notification routing, telemetry, errors); a backend owns bytes. The
-core validates everything before a backend sees it, so backends never re-validate: they receive
-numpy arrays and the per-descriptor registration handles already resolved.
+A third party can implement a backend from this module alone. The core owns semantics
+(registration bookkeeping, descriptor checks, metadata, backend choice, the request state
+machine, notification routing, telemetry, errors); a backend owns bytes. The core validates
+everything before a backend sees it, so backends never re-validate: they receive numpy arrays
+and the per-descriptor registration handles already resolved.
 
-Lifecycle of a backend instance (one per type per agent)::
+**Declaring a backend.** Subclass :class:`Backend` and set the class attributes: ``name`` (upper
+case, what users write), ``mem_types``, the capability flags, ``param_specs`` (the parameters,
+see :mod:`nixl_core.params`) and ``api_version`` (the version of this contract the class was
+written for: set it explicitly to :data:`PLUGIN_API_VERSION`, so that a core with an
+incompatible contract refuses the plugin by name instead of failing inside it). Register the
+class from the plugin's ``nixl_register_backends`` hook (:mod:`nixl_core.hookspecs`).
+``probe()`` must never raise and must not change the process (no environment writes, no native
+library loads that have side effects, no CUDA context): it says whether the backend can run
+here and, if not, why; :class:`Availability` ``notes`` name anything the constructor will do to
+the process (shown by ``python -m nixl_core backends``).
 
-    b = Backend(agent_name, params)          # may import native libraries
+**Lifecycle** of an instance (one per type per agent)::
+
+    b = Backend(agent_name, params)          # params: ResolvedParams, typed; may load native code
     handles = b.register(mem_type, rows, metas)
     blob = b.public_data(handle)             # remote-capable backends: goes into metadata
     info = b.connection_info()               # remote-capable backends: goes into metadata
@@ -15,6 +27,41 @@ Lifecycle of a backend instance (one per type per agent)::
     req = b.prepare(op, local_side, remote_side, peer)
     b.post(req, notif) -> DONE | IN_PROGRESS; b.poll(req) -> ...; b.release(req)
     b.deregister(handles); b.close()
+
+**What arrives.**
+
+- ``params``: a :class:`~nixl_core.params.ResolvedParams` mapping every declared parameter to its
+  typed value, after the core applied precedence (explicit > AgentConfig > environment >
+  default) and checked each value. Unknown names never reach the backend.
+- ``register(mem_type, rows, metas)``: ``rows`` is a read-only C-contiguous ``(N, 3)`` uint64
+  array ``[addr, len, dev]`` (N >= 1) of one memory type the backend declared; the core has
+  checked that no row overlaps another registration of the agent. ``metas`` holds N bytes
+  objects (``b""`` when the caller gave none; for FILE in path mode, e.g. ``b"rw:/data/f"``).
+  Return one handle (any object) per row, in order.
+- Transfers: :class:`XferSide` columns (see its docstring), already merged, with lengths equal
+  on both sides and every descriptor inside a registration this backend holds.
+
+**Errors.** Raise the classes of :mod:`nixl_core.errors` (``RegistrationError`` with ``index``
+for a bad region, ``TransferError`` and its subclasses for a failed transfer, ``NotSupportedError``
+for a capability the backend lacks). A method that fails must undo its own partial work first
+(a ``register`` that mapped 3 of 5 regions unmaps them). The core passes ``NixlError`` subclasses
+through unchanged; any other ``Exception`` escaping a backend method is turned into the typed
+error of the operation (``RegistrationError``, ``TransferError``, ``PluginError``), naming the
+backend and the item, chained from the original (:func:`~nixl_core.errors.foreign_error`), and
+the core rolls back its own state (a failed registration leaves no row behind). A transfer
+that fails after ``post`` returned is reported by ``poll`` returning ERROR with ``req.error``
+set; the core then raises that error from ``check()`` / ``wait()``.
+
+**Concurrency.** The core serializes, per agent, the memory and peer calls (``register``,
+``deregister``, ``load_local``/``unload_local``, ``public_data``, ``connection_info``,
+``load_remote_conn``, ``load_remote``, ``unload_remote``, ``connect``, ``disconnect``): they never
+run concurrently with each other on one instance. Transfer calls (``prepare``,
+``prepare_indexed``, ``prep_side``, ``release_side``, ``post``, ``post_stream``, ``poll``,
+``block``, ``release``, ``completion_event``) may run concurrently from several user threads for
+*different* requests, and concurrently with the memory calls; calls for one request are never
+concurrent. ``get_notifs`` and ``send_notif`` may be called from any thread at any time.
+``close`` is called once, after the core released every request, unloaded every peer and
+deregistered every region; nothing is called after it.
 
 Optional hooks (defaults keep the plain path):
 
@@ -28,11 +75,12 @@ Optional hooks (defaults keep the plain path):
   state for this list": ``make`` then gathers on the host and calls ``prepare``.
 - **CUDA stream order** (``supports_stream``): ``b.post_stream(req, notif, stream)`` starts the
   transfer after the work queued on the caller's stream, and ``b.completion_event(req)``
-  gives an event that completes with the transfer. Backends without the flag refuse both with
-  :class:`~nixl_core.errors.NotSupportedError` naming themselves, before anything starts.
+  gives an event that completes with the transfer. Users reach both through
+  ``XferRequest.post(stream=...)`` and ``XferRequest.completion_event()`` only. Backends
+  without the flag never see these calls: the core refuses them with
+  :class:`~nixl_core.errors.NotSupportedError` naming the backend, before anything starts.
 
 Capabilities are class attributes. ``supports_remote`` implies ``supports_notif`` (as in NIXL).
-``probe()`` must never raise: it says whether the backend can run here and, if not, why.
 """
 
 from __future__ import annotations
@@ -48,8 +96,10 @@ import numpy.typing as npt
 
 from nixl_core.errors import NotSupportedError
 from nixl_core.memory import MemType
+from nixl_core.params import Param, ResolvedParams, resolve_params
 
 __all__ = [
+    "PLUGIN_API_VERSION",
     "Availability",
     "Backend",
     "BackendRequest",
@@ -60,6 +110,11 @@ __all__ = [
 
 U64 = npt.NDArray[np.uint64]
 I64 = npt.NDArray[np.int64]
+
+#: Version of this contract. Bumped when it changes incompatibly; the plugin loader refuses a
+#: backend class whose ``api_version`` differs. Version 2: ``param_specs`` / typed
+#: ``ResolvedParams``, ``completion_event(req)``, ``Availability.notes``.
+PLUGIN_API_VERSION = 2
 
 
 class XferOp(enum.Enum):
@@ -98,10 +153,18 @@ class XferStatus(enum.Enum):
 
 @attrs.frozen
 class Availability:
-    """What :meth:`Backend.probe` says: whether the backend can run here, and why not."""
+    """What :meth:`Backend.probe` says: whether the backend can run here, and why not.
+
+    Attributes:
+        available: the backend can be created here.
+        reason: why not (empty when available).
+        notes: what creating the backend does to the process beyond its own objects (e.g.
+            "sets PR_SET_PTRACER_ANY"), one line each; shown by ``python -m nixl_core backends``.
+    """
 
     available: bool
     reason: str = ""
+    notes: tuple[str, ...] = ()
 
     def __bool__(self) -> bool:
         return self.available
@@ -153,10 +216,6 @@ class XferSide:
         """The side as an (N, 3) [addr, len, dev] array (built on each access)."""
         return np.stack([self.addrs, self.lengths, self.devs], axis=1)
 
-    def handle_of(self, i: int) -> Any:
-        """Registration handle of descriptor ``i`` (a convenience; not for per-descriptor loops)."""
-        return self.slot_handles[int(self.reg_slots[i])]
-
     def unique_handles(self) -> tuple[I64, list[Any]]:
         """(inverse index per descriptor, handles of the distinct registrations), vectorized."""
         if self.single_slot >= 0:
@@ -179,7 +238,7 @@ class BackendRequest:
 
 
 class Backend(abc.ABC):
-    """Abstract transport backend. One instance per type per agent.
+    """Abstract transport backend. One instance per type per agent (module docstring: contract).
 
     Class attributes:
         name: backend type name as users write it (NIXL style, upper case: "UCX", "POSIX").
@@ -189,8 +248,13 @@ class Backend(abc.ABC):
         supports_notif: can deliver notifications.
         supports_stream: :meth:`post_stream` and :meth:`completion_event` work (CUDA stream
             order without a host synchronize).
-        default_params: advertised parameters and their defaults (strings, as NIXL).
-        install_hint: how to install the distribution that provides it.
+        param_specs: the parameters it accepts (:class:`~nixl_core.params.Param`).
+        api_version: the contract version the class implements (:data:`PLUGIN_API_VERSION`).
+        takes_indices: set automatically for subclasses overriding :meth:`prepare_indexed`.
+
+    Attributes:
+        agent_name: the owning agent's name.
+        params: the resolved, typed parameters (read-only).
     """
 
     name: ClassVar[str]
@@ -199,22 +263,34 @@ class Backend(abc.ABC):
     supports_remote: ClassVar[bool] = False
     supports_notif: ClassVar[bool] = False
     supports_stream: ClassVar[bool] = False
-    default_params: ClassVar[Mapping[str, str]] = {}
-    install_hint: ClassVar[str] = ""
-    #: Set for subclasses that override :meth:`prepare_indexed` (read by ``make``).
+    param_specs: ClassVar[tuple[Param, ...]] = ()
+    api_version: ClassVar[int] = PLUGIN_API_VERSION
     takes_indices: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls.takes_indices = cls.prepare_indexed is not Backend.prepare_indexed
 
-    def __init__(self, agent_name: str, params: Mapping[str, Any]) -> None:
+    def __init__(self, agent_name: str, params: Mapping[str, Any] | None = None) -> None:
+        """Keep the agent's name and the parameters.
+
+        Args:
+            agent_name: the owning agent.
+            params: what :class:`~nixl_core.agent.Agent` resolved; anything else (a plain
+                mapping, when a backend is built directly) is resolved here with the same
+                precedence, as explicit values.
+
+        Raises:
+            InvalidParamError: an unknown parameter or a bad value.
+        """
         self.agent_name = agent_name
-        self.params: dict[str, Any] = dict(params)
+        if not isinstance(params, ResolvedParams):
+            params = resolve_params(self.name, self.param_specs, explicit=params or {})
+        self.params: ResolvedParams = params
 
     @classmethod
     def probe(cls) -> Availability:
-        """Whether this backend can run here. Never raises, never creates a CUDA context."""
+        """Whether this backend can run here. Never raises, never changes the process."""
         return Availability(True)
 
     @classmethod
@@ -225,6 +301,11 @@ class Backend(abc.ABC):
             "remote": cls.supports_remote,
             "notif": cls.supports_notif,
         }
+
+    @classmethod
+    def param_defaults(cls) -> dict[str, str]:
+        """Every parameter's default, as strings (NIXL's ``get_plugin_params`` shape)."""
+        return {p.name: p.display for p in cls.param_specs}
 
     # ------------------------------------------------------------------ memory
     @abc.abstractmethod
@@ -353,6 +434,8 @@ class Backend(abc.ABC):
 
     def completion_event(self, req: BackendRequest) -> Any:
         """An event (e.g. a ``cupy.cuda.Event``) that completes with the request's last post.
+
+        Only called for a request that was posted and not released.
 
         Raises:
             NotSupportedError: the backend has no completion events (names it).

@@ -20,16 +20,23 @@ subclasses the builtin that best describes it, so generic ``except ValueError`` 
      ├── MetadataError (ValueError)                 MISMATCH       truncated/corrupt/unknown version
      ├── NotAllowedError                            NOT_ALLOWED    e.g. changed blob for a known region
      ├── RepostActiveError                          REPOST_ACTIVE  post/release of a running request
-     ├── NotPostedError                             NOT_POSTED     telemetry of a never-posted request
+     ├── NotPostedError                             NOT_POSTED     never posted, released, or no telemetry yet
      ├── NotSupportedError (NotImplementedError)    NOT_SUPPORTED  capability the backend lacks
-     ├── NoTelemetryError                           NO_TELEMETRY
      └── TransferError                              BACKEND        a transfer ended in ERROR
           ├── RemoteDisconnectError (ConnectionError) REMOTE_DISCONNECT
           ├── TransferCanceledError                 CANCELED
           └── TransferTimeoutError (TimeoutError)   BACKEND
 
 :class:`Status` mirrors NIXL's ``nixl_status_t`` values; :func:`error_for_status` maps each error
-code to its exception class (a meta-test checks the map is complete).
+code to its exception class (a meta-test checks the map is complete); ``ERR_NO_TELEMETRY`` maps to
+:class:`NotPostedError`, which is what asking for the telemetry of a request that never completed
+a post raises (nixl-py always records telemetry).
+
+Backends raise these classes. An exception of any other type escaping a backend (a native error,
+a bug) is turned by the core, at the backend boundary, into the typed error of the operation
+(:class:`RegistrationError` for registration, :class:`TransferError` for a transfer,
+:class:`PluginError` otherwise) naming the backend and the item, chained ``from`` the original:
+see :func:`foreign_error`.
 """
 
 from __future__ import annotations
@@ -47,7 +54,6 @@ __all__ = [
     "MemTypeError",
     "MetadataError",
     "NixlError",
-    "NoTelemetryError",
     "NotAllowedError",
     "NotFoundError",
     "NotPostedError",
@@ -63,6 +69,7 @@ __all__ = [
     "TransferTimeoutError",
     "UnknownAgentError",
     "error_for_status",
+    "foreign_error",
 ]
 
 
@@ -102,12 +109,16 @@ class BackendNotFoundError(PluginError, LookupError):
 
     status = Status.ERR_NOT_FOUND
 
-    def __init__(self, name: str, hint: str | None = None, known: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, name: str, hint: str | None = None, known: tuple[str, ...] = (), why: str = ""
+    ) -> None:
         self.name = name
         self.hint = hint
         msg = f"unknown backend {name!r}"
         if known:
             msg += f" (installed: {', '.join(known)})"
+        if why:
+            msg += f"; {why}"
         if hint:
             msg += f"; install it with `{hint}`"
         super().__init__(msg)
@@ -126,9 +137,19 @@ class DuplicateBackendError(PluginError):
 
 
 class InvalidParamError(NixlError, ValueError):
-    """A parameter is invalid; the message names it."""
+    """A parameter is invalid; the message names it.
+
+    Attributes:
+        param: the parameter's name, when one is at fault (backend params, config fields).
+        value: the rejected value, when there is one.
+    """
 
     status = Status.ERR_INVALID_PARAM
+
+    def __init__(self, msg: str, *, param: str | None = None, value: Any = None) -> None:
+        self.param = param
+        self.value = value
+        super().__init__(msg)
 
 
 class InvalidDescriptorError(InvalidParamError):
@@ -225,12 +246,6 @@ class NotSupportedError(NixlError, NotImplementedError):
     status = Status.ERR_NOT_SUPPORTED
 
 
-class NoTelemetryError(NixlError):
-    """Telemetry is not available for this request."""
-
-    status = Status.ERR_NO_TELEMETRY
-
-
 class TransferError(NixlError):
     """A transfer ended in ERROR.
 
@@ -275,7 +290,7 @@ _STATUS_TO_ERROR: dict[Status, type[NixlError]] = {
     Status.ERR_NOT_SUPPORTED: NotSupportedError,
     Status.ERR_REMOTE_DISCONNECT: RemoteDisconnectError,
     Status.ERR_CANCELED: TransferCanceledError,
-    Status.ERR_NO_TELEMETRY: NoTelemetryError,
+    Status.ERR_NO_TELEMETRY: NotPostedError,
 }
 
 
@@ -289,3 +304,24 @@ def error_for_status(status: Status) -> type[NixlError]:
         return _STATUS_TO_ERROR[Status(status)]
     except KeyError:
         raise ValueError(f"{Status(status).name} is not an error status") from None
+
+
+def foreign_error(
+    exc: BaseException, backend: str, what: str, cls: type[NixlError] = PluginError
+) -> NixlError:
+    """The typed error for an exception that is not a :class:`NixlError`, raised by a backend.
+
+    The core calls it at the backend boundary (``raise foreign_error(exc, ...) from exc``) so
+    that callers only ever see the error tree above.
+
+    Args:
+        exc: what the backend raised.
+        backend: the backend's name.
+        what: what the backend was asked to do, naming the item (e.g. "register DRAM regions
+            0..3 [addr=0x7f..]").
+        cls: the error class of the operation.
+    """
+    err = cls(f"backend {backend} failed to {what}: {type(exc).__name__}: {exc}")
+    if isinstance(err, TransferError):
+        err.backend = backend
+    return err

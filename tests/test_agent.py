@@ -28,6 +28,8 @@ from nixl_core import (
     StaleHandleError,
     UnknownAgentError,
     XferStatus,
+    _plugins,
+    reset_plugin_manager,
 )
 
 MakeAgent = Callable[..., Agent]
@@ -67,13 +69,25 @@ def test_default_backend_without_plugins(
     assert a.backends == ("LOOPBACK",)
 
 
-def test_duplicate_and_unknown_backend(make_agent: MakeAgent) -> None:
-    """One backend per type; unknown backends carry an install hint."""
+def test_duplicate_and_unknown_backend(
+    make_agent: MakeAgent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One backend per type; a missing plugin of this repository comes with its install
+    command, a disabled one says so, and a name nobody ships gets no made-up hint."""
     a = make_agent("a")
     with pytest.raises(DuplicateBackendError):
         a.create_backend("loopback")
-    with pytest.raises(BackendNotFoundError, match="pip install nixl-gds"):
-        a.create_backend("GDS")  # a plugin this repository does not ship yet
+    with pytest.raises(BackendNotFoundError, match="unknown backend 'GDS'") as err:
+        a.create_backend("GDS")
+    assert "install it" not in str(err.value)
+    monkeypatch.setattr(_plugins, "_entry_points", list)
+    reset_plugin_manager()
+    with pytest.raises(BackendNotFoundError, match=r"pip install ./plugins/nixl_ucx"):
+        make_agent("b").create_backend("UCX")
+    monkeypatch.setenv("NIXL_DISABLE_PLUGINS", "loopback")
+    reset_plugin_manager()
+    with pytest.raises(BackendNotFoundError, match="disabled by NIXL_PLUGINS / NIXL_DISABLE"):
+        make_agent("c")
 
 
 def test_write_scattered_with_notif(make_agent: MakeAgent) -> None:
@@ -408,12 +422,13 @@ def test_close_deregisters_everything(make_agent: MakeAgent) -> None:
 
 
 def test_config_params_reach_backend(make_agent: MakeAgent) -> None:
-    """Backend params come from defaults, then the config, then explicit params."""
+    """Backend params come from defaults, then the config, then explicit params, typed."""
     a = make_agent(
         "a",
         config=AgentConfig(backends=["LOOPBACK"], backend_params={"loopback": {"inline_bytes": 7}}),
     )
-    assert a.backend("LOOPBACK").params["inline_bytes"] == 7
-    assert a.backend("loopback").params["num_threads"] == "1"
+    lb = a.backend("LOOPBACK")
+    assert lb.params["inline_bytes"] == 7 and lb.params.source("inline_bytes") == "config"
+    assert a.backend("loopback").params["num_threads"] == 1
     with pytest.raises(NotFoundError):
         a.backend("UCX")

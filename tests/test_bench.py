@@ -385,7 +385,7 @@ def test_vram_without_gpu_is_one_clean_line(capsys: pytest.CaptureFixture[str]) 
     ("args", "message"),
     [
         (["--backend", "NOPE"], "unknown backend 'NOPE'"),
-        (["--backend", "GDS"], "pip install nixl-gds"),
+        (["--backend", "GDS"], "unknown backend 'GDS'"),
         (["--initiator-seg", "FILE"], "put the file on the target side"),
         (["--target-seg", "FILE", "--backend", "LOOPBACK"], "cannot move FILE"),
         (["--batch-size", "8:2"], "batch sizes must satisfy"),

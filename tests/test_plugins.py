@@ -172,11 +172,41 @@ def test_missing_dependency_skipped_broken_plugin_raises(
 
 
 def test_registry_validates_classes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """A remote-capable backend without notifications is refused at registration."""
+    """A remote-capable backend without notifications, or one written for another plugin API
+    version, is refused: its plugin is skipped with that reason and the others stay usable."""
     src = PLUGIN_SRC.replace('name = "FAKE"', 'name = "FAKE"\n    supports_remote = True')
-    _install(monkeypatch, tmp_path, {"fake": src})
-    with pytest.raises(PluginError, match="notifications"):
-        get_plugin_manager()
+    old = PLUGIN_SRC.replace('name = "FAKE"', 'name = "OLDAPI"\n    api_version = 1')
+    _install(monkeypatch, tmp_path, {"fake": src, "oldapi": old})
+    infos = {i.plugin: i for i in list_backends()}
+    assert "notifications" in infos["fake"].reason and not infos["fake"].available
+    assert "plugin API 1" in infos["oldapi"].reason
+    with Agent("survivor", backends=["LOOPBACK"]) as a:
+        assert a.backends == ("LOOPBACK",)
+
+
+def test_failing_registration_hook_skips_only_that_plugin(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A plugin whose nixl_register_backends raises (a lazy import, a bug) is skipped like one
+    that cannot be imported: what it added before raising is taken back, its reason is shown by
+    `python -m nixl_core backends`, and agents of the other plugins still start."""
+    bad = PLUGIN_SRC.replace(
+        "    registry.add(GoneBackend)",
+        "    registry.add(GoneBackend)\n    import surely_missing_lazy_dep",
+    )
+    _install(monkeypatch, tmp_path, {"bad": bad})
+    infos = {i.name: i for i in list_backends()}
+    assert "FAKE" not in infos and "GONE" not in infos
+    assert "surely_missing_lazy_dep" in infos["BAD"].reason
+    assert "nixl plugin bad skipped" in caplog.text
+    with Agent("still-works", backends=["LOOPBACK"]) as a:
+        assert a.backends == ("LOOPBACK",)
+    with pytest.raises(BackendNotFoundError, match="surely_missing_lazy_dep"):
+        Agent("wants-fake", backends=["FAKE"])
+    out = subprocess.run(
+        [sys.executable, "-m", "nixl_core", "backends"], capture_output=True, text=True, check=True
+    )
+    assert "LOOPBACK" in out.stdout
 
 
 def test_every_hookspec_documented() -> None:

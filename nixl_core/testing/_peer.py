@@ -66,7 +66,7 @@ def to_host(buf: Any) -> npt.NDArray[np.uint8]:
 def digest(buf: Any) -> str:
     """blake2b hex digest of a buffer's bytes (numpy or cupy)."""
     host = np.ascontiguousarray(to_host(buf))
-    return hashlib.blake2b(memoryview(host).cast("B")).hexdigest()
+    return hashlib.blake2b(host.data).hexdigest()
 
 
 def alloc(mem_type: str, nbytes: int) -> Any:

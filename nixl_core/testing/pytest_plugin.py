@@ -2,8 +2,10 @@
 
 pytest loads it in every run of anyone who installs nixl-core, so it stays small and inert:
 
-- it declares the ``gpu`` and ``multi_gpu`` markers (so ``--strict-markers`` accepts them);
-- it skips tests marked ``gpu`` (``multi_gpu``) when fewer than one (two) CUDA devices are
+- it declares the ``nixl_gpu`` and ``nixl_multi_gpu`` markers (so ``--strict-markers`` accepts
+  them); they are prefixed so that another project's own ``gpu`` markers mean what that
+  project says, untouched by this plugin;
+- it skips tests marked ``nixl_gpu`` (``nixl_multi_gpu``) when fewer than one (two) CUDA devices are
   visible. Devices are counted only when such a test was collected, through cupy or torch if
   one of them is importable (neither is ever required), else from the NVIDIA driver's
   ``/proc`` entries; nothing here creates a CUDA context or raises;
@@ -26,8 +28,8 @@ from typing import Any
 import pytest
 
 _MARKERS = {
-    "gpu": (1, "gpu: needs a CUDA GPU (skipped when none is visible)"),
-    "multi_gpu": (2, "multi_gpu: needs two CUDA GPUs (skipped when fewer are visible)"),
+    "nixl_gpu": (1, "nixl_gpu: needs a CUDA GPU (skipped when none is visible)"),
+    "nixl_multi_gpu": (2, "nixl_multi_gpu: needs two CUDA GPUs (skipped when fewer are visible)"),
 }
 
 

@@ -167,6 +167,7 @@ class LocalXferSuite:
     pattern: Callable[[int, int], np.ndarray]
     fill: Callable[[Any, int], None]
     blocks: Callable[..., DescList]
+    registered_pair: Callable[..., tuple[Any, Any, tuple[int, int], tuple[int, int]]]
     backend_name: str
     xfer_timeout: float
 
@@ -663,7 +664,9 @@ class BadInputSuite:
     backend_name: str
     mem_types: tuple[str, ...]
 
-    def _registered(self, agent: Agent, buffer_factory: BufferFactory, nbytes: int) -> tuple:
+    def _registered(
+        self, agent: Agent, buffer_factory: BufferFactory, nbytes: int
+    ) -> tuple[Any, ...]:
         mem = self.mem_types[0]
         buf = buffer_factory(mem, nbytes)
         agent.register(buf)

@@ -68,7 +68,7 @@ def engine_agent(request: pytest.FixtureRequest) -> Iterator[Agent]:
     a.close()
 
 
-@pytest.mark.gpu
+@pytest.mark.nixl_gpu
 def test_scattered_vram_roundtrip(engine_agent: Agent, cp: Any, tmp_path: Path) -> None:
     """4096 x 4 KiB GPU blocks to permuted file offsets and back into another GPU buffer."""
     a = engine_agent
@@ -95,7 +95,7 @@ def test_scattered_vram_roundtrip(engine_agent: Agent, cp: Any, tmp_path: Path) 
     assert bool((back == src).all())
 
 
-@pytest.mark.gpu
+@pytest.mark.nixl_gpu
 def test_many_chunks_odd_lengths(cp: Any, tmp_path: Path) -> None:
     """A 16 KiB pool forces dozens of chunks; odd lengths and offsets take the byte path."""
     n = 300
@@ -124,7 +124,7 @@ def test_many_chunks_odd_lengths(cp: Any, tmp_path: Path) -> None:
         np.testing.assert_array_equal(got[s + 1 : s + 1 + ln], want[s + 1 : s + 1 + ln])
 
 
-@pytest.mark.gpu
+@pytest.mark.nixl_gpu
 def test_vram_o_direct(cp: Any, tmp_path: Path) -> None:
     """O_DIRECT files take VRAM blocks at any GPU address: the staging slots are aligned."""
     n, blk = 256, 64 << 10
@@ -147,7 +147,7 @@ def test_vram_o_direct(cp: Any, tmp_path: Path) -> None:
     assert bool((back[16:] == src[16:]).all())
 
 
-@pytest.mark.gpu
+@pytest.mark.nixl_gpu
 def test_short_read_ends_in_error_naming_the_descriptor(cp: Any, tmp_path: Path) -> None:
     path = tmp_path / "short.bin"
     path.write_bytes(os.urandom(3 * 4096 + 100))
@@ -169,7 +169,7 @@ def test_short_read_ends_in_error_naming_the_descriptor(cp: Any, tmp_path: Path)
     assert "short read at EOF" in str(err)
 
 
-@pytest.mark.gpu
+@pytest.mark.nixl_gpu
 def test_release_while_running_then_repost(cp: Any, tmp_path: Path) -> None:
     """Releasing a large staged request stops it safely; a new one on the same buffers works."""
     n, blk = 2048, 256 << 10
@@ -189,7 +189,7 @@ def test_release_while_running_then_repost(cp: Any, tmp_path: Path) -> None:
     np.testing.assert_array_equal(on_disk, cp.asnumpy(src))
 
 
-@pytest.mark.multi_gpu
+@pytest.mark.nixl_multi_gpu
 def test_request_spanning_two_gpus_is_refused(cp: Any, tmp_path: Path) -> None:
     with cp.cuda.Device(0):
         a0 = cp.zeros(4096, cp.uint8)

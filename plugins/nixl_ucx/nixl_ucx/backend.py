@@ -23,7 +23,7 @@ import struct
 import threading
 import weakref
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -42,7 +42,7 @@ from nixl_core.errors import (
     UnknownAgentError,
 )
 from nixl_core.memory import MemType
-from nixl_ucx.params import DEFAULT_PARAMS, UcxParams
+from nixl_ucx.params import PARAMS, UcxConfig
 
 __all__ = ["UcxBackend"]
 
@@ -137,9 +137,7 @@ def _dense_index(
 class UcxBackend(Backend):
     """UCX backend: DRAM (and VRAM where UCX has CUDA support), local and remote, notifications.
 
-    Params (strings or typed values; see :class:`nixl_ucx.params.UcxParams`): ``num_workers``,
-    ``num_threads``, ``progress_thread``, ``ucx_error_handling_mode``, ``device_list``,
-    ``transports``, ``split_batch_size``, ``engine_config``.
+    Params: :data:`nixl_ucx.params.PARAMS` (``python -m nixl_core backends --params``).
     """
 
     name = "UCX"
@@ -147,8 +145,8 @@ class UcxBackend(Backend):
     supports_local = True
     supports_remote = True
     supports_notif = True
-    default_params: ClassVar[Mapping[str, str]] = DEFAULT_PARAMS
-    install_hint = "pip install nixl-ucx"
+    api_version = 2
+    param_specs = PARAMS
 
     @classmethod
     def probe(cls) -> Availability:
@@ -162,11 +160,11 @@ class UcxBackend(Backend):
             return Availability(False, f"loading UCX failed: {type(exc).__name__}: {exc}")
         return Availability(True)
 
-    def __init__(self, agent_name: str, params: Mapping[str, Any]) -> None:
+    def __init__(self, agent_name: str, params: Mapping[str, Any] | None = None) -> None:
         super().__init__(agent_name, params)
         from nixl_ucx import _native
 
-        self.config = UcxParams.parse(params)
+        self.config = UcxConfig.of(self.params)
         try:
             self._ffi, self._lib = _native.load()
         except _native.NativeUnavailableError as exc:
@@ -206,7 +204,11 @@ class UcxBackend(Backend):
         self._lock = threading.Lock()
         self._rr = 0
         self._closed = False
-        self.params["ucx_options"] = ",".join(f"{k}={v}" for k, v in self._ucx_options)
+
+    @property
+    def ucx_options(self) -> tuple[tuple[str, str], ...]:
+        """The UCX options applied with ``ucp_config_modify`` (without the ``UCX_`` prefix)."""
+        return tuple(self._ucx_options)
 
     def _options(self) -> list[tuple[str, str]]:
         """UCX options applied with ucp_config_modify (an env var the user set wins)."""

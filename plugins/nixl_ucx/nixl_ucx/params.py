@@ -1,85 +1,39 @@
-"""UCX backend parameters: NIXL's names, string values accepted, ``NIXL_UCX_<PARAM>`` env vars.
+"""UCX backend parameters: the declaration table (NIXL's names; aliases for its other spellings).
 
-Precedence: a value the caller passed wins; a parameter left at its advertised default takes
-``NIXL_UCX_<NAME>`` from the environment when that is set. (The core merges the advertised
-defaults into every backend's parameters, so a value equal to the default counts as "left".)
+The core resolves them (explicit > ``AgentConfig`` > ``NIXL_UCX_<PARAM>`` > default, see
+:mod:`nixl_core.params`); :class:`UcxConfig` is the typed view the backend reads.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import Any
 
 import attrs
 
-from nixl_core.errors import InvalidParamError
+from nixl_core.params import Param
 
-__all__ = ["DEFAULT_PARAMS", "UcxParams"]
-
-#: Advertised parameters and their defaults (strings, as NIXL's ``get_plugin_params``).
-DEFAULT_PARAMS: dict[str, str] = {
-    "num_workers": "1",
-    "num_threads": "0",
-    "progress_thread": "true",
-    "ucx_error_handling_mode": "peer",
-    "device_list": "",
-    "transports": "",
-    "split_batch_size": "1024",
-    "engine_config": "",
-}
-
-#: Other spellings accepted for a parameter (NIXL advertises ``ucx_devices`` but reads
-#: ``device_list``; both are honoured here).
-_ALIASES = {
-    "ucx_devices": "device_list",
-    "error_handling_mode": "ucx_error_handling_mode",
-    "ucx_transports": "transports",
-    "tls": "transports",
-}
-
-_TRUE = {"1", "y", "yes", "on", "true", "enable"}
-_FALSE = {"0", "n", "no", "off", "false", "disable", ""}
+__all__ = ["PARAMS", "UcxConfig"]
 
 
-def _bool(name: str, value: Any) -> bool:
-    if isinstance(value, bool):
+def _pairs(value: Any) -> tuple[tuple[str, str], ...]:
+    """``KEY=VAL,KEY=VAL`` (or a mapping) -> ((KEY, VAL), ...), without a ``UCX_`` prefix."""
+    if isinstance(value, tuple) and all(isinstance(p, tuple) and len(p) == 2 for p in value):
         return value
-    if isinstance(value, int):
-        return value != 0
-    s = str(value).strip().lower()
-    if s in _TRUE:
-        return True
-    if s in _FALSE:
-        return False
-    raise InvalidParamError(f"UCX param {name}={value!r}: expected a boolean (yes/no, 1/0, ...)")
-
-
-def _int(name: str, value: Any, minimum: int) -> int:
-    try:
-        out = int(str(value).strip(), 0) if not isinstance(value, int) else value
-    except ValueError:
-        raise InvalidParamError(f"UCX param {name}={value!r}: expected an integer") from None
-    if out < minimum:
-        raise InvalidParamError(f"UCX param {name}={out}: must be >= {minimum}")
-    return out
-
-
-def _pairs(name: str, value: Any) -> tuple[tuple[str, str], ...]:
     if isinstance(value, Mapping):
         items = [(str(k), str(v)) for k, v in value.items()]
-    else:
+    elif isinstance(value, str):
         items = []
-        for raw in str(value).split(","):
+        for raw in value.split(","):
             part = raw.strip()
             if not part:
                 continue
             key, sep, val = part.partition("=")
             if not sep or not key.strip():
-                raise InvalidParamError(
-                    f"UCX param {name}: {part!r} is not KEY=VALUE (e.g. 'RNDV_THRESH=inf')"
-                )
+                raise ValueError(f"KEY=VALUE pairs ({part!r} is not one; e.g. 'RNDV_THRESH=inf')")
             items.append((key.strip(), val.strip()))
+    else:
+        raise ValueError("KEY=VALUE pairs separated by commas, or a mapping")
     out = []
     for key, val in items:
         upper = key.upper()
@@ -87,35 +41,98 @@ def _pairs(name: str, value: Any) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
+PARAMS: tuple[Param, ...] = (
+    Param.integer(
+        "num_workers",
+        1,
+        "UCP workers (one endpoint per worker and peer); requests round-robin, big batches split",
+        minimum=1,
+        maximum=64,
+    ),
+    Param.integer(
+        "num_threads",
+        0,
+        "NIXL's thread-pool size: > 0 raises num_workers to at least this, progress threads on",
+        minimum=0,
+        maximum=64,
+    ),
+    Param.boolean(
+        "progress_thread",
+        True,
+        "a C progress thread per worker (completions, notifications, wire-up without polling)",
+    ),
+    Param.choice(
+        "ucx_error_handling_mode",
+        "peer",
+        ("peer", "none"),
+        "peer: a dead peer fails its requests; none: more transports, failures unseen",
+        aliases=("error_handling_mode",),
+    ),
+    Param.string(
+        "device_list",
+        "",
+        "UCX devices (UCX_NET_DEVICES), e.g. eth0 or mlx5_0:1; empty = all",
+        aliases=("ucx_devices",),
+    ),
+    Param.string(
+        "transports",
+        "",
+        "UCX transport list (UCX_TLS), e.g. tcp or cma,sm,tcp; empty = UCX's choice",
+        aliases=("ucx_transports", "tls"),
+    ),
+    Param.integer(
+        "split_batch_size",
+        1024,
+        "with progress threads, requests of at least this many descriptors are split over workers",
+        minimum=1,
+    ),
+    Param.custom(
+        "engine_config",
+        (),
+        "more UCX options KEY=VAL,KEY=VAL (UCX_ prefix optional), applied with ucp_config_modify",
+        _pairs,
+        "KEY=VALUE pairs separated by commas",
+    ),
+)
+
+
 @attrs.frozen
-class UcxParams:
-    """Parsed parameters of :class:`~nixl_ucx.backend.UcxBackend`.
+class UcxConfig:
+    """The resolved UCX parameters, typed.
 
     Attributes:
-        num_workers: UCP workers (one endpoint per worker and peer); requests are spread over them
-            round-robin and large batches are split across them.
-        num_threads: NIXL's thread-pool size; > 0 raises ``num_workers`` to at least this and
-            turns the progress threads on.
-        progress_thread: each worker gets a C progress thread that sleeps on the worker's event
-            fd (completions, notifications and wire-up progress without the user polling, and
-            parallel posting of split batches). Off: progress happens in poll/wait/get_notifs.
-        error_handling_mode: ``peer`` (a dead peer fails its requests) or ``none`` (more
-            transports, failures unseen). Both agents must use the same.
-        device_list: comma-separated UCX devices (``UCX_NET_DEVICES``), "" = all.
-        transports: UCX transport list (``UCX_TLS``), "" = UCX's choice.
-        split_batch_size: with progress threads, requests of at least this many descriptors are
-            posted by the worker threads, split across workers; smaller ones inline.
-        engine_config: extra UCX options ``KEY=VAL,KEY=VAL`` (the ``UCX_`` prefix is optional).
+        num_workers: UCP workers.
+        num_threads: NIXL's thread-pool size.
+        progress_thread: progress threads on.
+        error_handling_mode: ``peer`` or ``none``.
+        device_list: UCX devices, "" = all.
+        transports: UCX transports, "" = UCX's choice.
+        split_batch_size: descriptors from which a request is split over the workers.
+        engine_config: extra UCX options.
     """
 
-    num_workers: int = 1
-    num_threads: int = 0
-    progress_thread: bool = True
-    error_handling_mode: str = "peer"
-    device_list: str = ""
-    transports: str = ""
-    split_batch_size: int = 1024
-    engine_config: tuple[tuple[str, str], ...] = ()
+    num_workers: int
+    num_threads: int
+    progress_thread: bool
+    error_handling_mode: str
+    device_list: str
+    transports: str
+    split_batch_size: int
+    engine_config: tuple[tuple[str, str], ...]
+
+    @classmethod
+    def of(cls, params: Mapping[str, Any]) -> UcxConfig:
+        """The typed view of resolved parameters."""
+        return cls(
+            num_workers=params["num_workers"],
+            num_threads=params["num_threads"],
+            progress_thread=params["progress_thread"],
+            error_handling_mode=params["ucx_error_handling_mode"],
+            device_list=params["device_list"],
+            transports=params["transports"],
+            split_batch_size=params["split_batch_size"],
+            engine_config=params["engine_config"],
+        )
 
     @property
     def workers(self) -> int:
@@ -126,39 +143,3 @@ class UcxParams:
     def threads(self) -> bool:
         """Whether the workers run progress threads."""
         return self.progress_thread or self.num_threads > 0
-
-    @classmethod
-    def parse(cls, params: Mapping[str, Any], env: Mapping[str, str] | None = None) -> UcxParams:
-        """Parse backend params (strings or typed values), with ``NIXL_UCX_*`` env fallbacks.
-
-        Raises:
-            InvalidParamError: an unknown parameter or a malformed value (named).
-        """
-        env = os.environ if env is None else env
-        raw: dict[str, Any] = {}
-        for key, value in params.items():
-            name = _ALIASES.get(key.lower(), key.lower())
-            if name not in DEFAULT_PARAMS:
-                known = ", ".join(sorted(DEFAULT_PARAMS))
-                raise InvalidParamError(f"unknown UCX param {key!r} (known: {known})")
-            raw[name] = value
-        for name, default in DEFAULT_PARAMS.items():
-            given = raw.get(name)
-            if given is None or str(given) == default:
-                from_env = env.get(f"NIXL_UCX_{name.upper()}")
-                raw[name] = default if from_env is None else from_env
-        mode = str(raw["ucx_error_handling_mode"]).strip().lower()
-        if mode not in ("peer", "none"):
-            raise InvalidParamError(
-                f"UCX param ucx_error_handling_mode={mode!r}: expected 'peer' or 'none'"
-            )
-        return cls(
-            num_workers=_int("num_workers", raw["num_workers"], 1),
-            num_threads=_int("num_threads", raw["num_threads"], 0),
-            progress_thread=_bool("progress_thread", raw["progress_thread"]),
-            error_handling_mode=mode,
-            device_list=str(raw["device_list"]).strip(),
-            transports=str(raw["transports"]).strip(),
-            split_batch_size=_int("split_batch_size", raw["split_batch_size"], 1),
-            engine_config=_pairs("engine_config", raw["engine_config"]),
-        )

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from nixl_ucx.params import DEFAULT_PARAMS, UcxParams
+from nixl_ucx.params import PARAMS, UcxConfig
 
 from nixl_core._plugins import list_backends
 from nixl_core.agent import Agent, AgentConfig
@@ -22,6 +22,7 @@ from nixl_core.errors import (
     NotSupportedError,
     PluginError,
 )
+from nixl_core.params import resolve_params
 
 
 def _agent(name: str, **params: object) -> Agent:
@@ -36,7 +37,7 @@ def test_discovered_through_entry_point(nixl_fresh_plugins: object) -> None:
     assert ucx.available, ucx.reason
     assert ucx.mem_types == ("DRAM", "VRAM")
     assert ucx.capabilities == {"local": True, "remote": True, "notif": True}
-    assert ucx.params == DEFAULT_PARAMS
+    assert {p.name: p.default for p in ucx.params} == {p.name: p.display for p in PARAMS}
 
 
 def test_default_backend_is_ucx(nixl_fresh_plugins: object) -> None:
@@ -113,14 +114,16 @@ def test_probe_reports_missing_libucx_with_fix() -> None:
 )
 def test_params_parse(params: dict[str, object], field: str, value: object) -> None:
     """NIXL's param names and spellings parse to the documented effective settings."""
-    assert getattr(UcxParams.parse({**DEFAULT_PARAMS, **params}, env={}), field) == value
+    cfg = UcxConfig.of(resolve_params("UCX", PARAMS, params, env={}))
+    assert getattr(cfg, field) == value
 
 
 def test_params_env_fallback_and_explicit_win() -> None:
-    """NIXL_UCX_<PARAM> fills a parameter left at its default; an explicit value wins."""
-    env = {"NIXL_UCX_NUM_WORKERS": "2", "NIXL_UCX_TRANSPORTS": "tcp"}
-    p = UcxParams.parse({**DEFAULT_PARAMS, "transports": "cma"}, env=env)
-    assert (p.num_workers, p.transports) == (2, "cma")
+    """NIXL_UCX_<PARAM> fills a parameter not given; an explicit value wins, even one equal
+    to the default (num_workers=1 against NIXL_UCX_NUM_WORKERS=4)."""
+    env = {"NIXL_UCX_NUM_WORKERS": "4", "NIXL_UCX_TRANSPORTS": "tcp"}
+    p = UcxConfig.of(resolve_params("UCX", PARAMS, {"num_workers": 1}, env=env))
+    assert (p.num_workers, p.transports) == (1, "tcp")
 
 
 @pytest.mark.parametrize(
@@ -137,7 +140,7 @@ def test_params_env_fallback_and_explicit_win() -> None:
 def test_bad_params_raise(params: dict[str, object]) -> None:
     """A malformed or unknown parameter raises InvalidParamError naming it."""
     with pytest.raises(InvalidParamError, match=next(iter(params))):
-        UcxParams.parse(params, env={})
+        resolve_params("UCX", PARAMS, params, env={})
 
 
 def test_bad_ucx_option_raises() -> None:
