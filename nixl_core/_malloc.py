@@ -3,9 +3,10 @@
 Every prep/make allocates numpy temporaries of N x 8 bytes (800 KB for 100k descriptors). glibc
 serves such blocks with mmap and returns them to the kernel on free, so each new temporary costs
 one page fault per 4 KiB page; on virtual machines that is most of the time of a 100k-descriptor
-make. Raising the mmap and trim thresholds keeps freed blocks in the heap for reuse. Applied once,
-when the first agent is created; ``NIXL_MALLOC_TUNE=0`` turns it off. The cost is that up to
-``M_TRIM_THRESHOLD`` bytes of freed heap stay mapped in the process.
+make. Raising the mmap and trim thresholds keeps freed blocks in the heap for reuse. Applied once
+per process, when the first agent that wants it is created (``AgentConfig.tune_malloc``: True,
+False, or None = ``NIXL_MALLOC_TUNE``, default on), and logged once at INFO with how to turn it
+off. The cost is that up to ``M_TRIM_THRESHOLD`` bytes of freed heap stay mapped in the process.
 """
 
 from __future__ import annotations
@@ -27,13 +28,20 @@ _done = False
 _lock = threading.Lock()
 
 
-def tune_malloc() -> bool:
-    """Apply the thresholds once (glibc only). Returns True if they are in effect."""
+def tune_malloc(enabled: bool | None = None) -> bool:
+    """Apply the thresholds once per process (glibc only). Returns True if they are in effect.
+
+    Args:
+        enabled: True / False; None reads ``NIXL_MALLOC_TUNE`` (off for 0/no/off/false).
+    """
     global _done
     with _lock:
         if _done:
             return True
-        if os.environ.get("NIXL_MALLOC_TUNE", "1").strip().lower() in ("0", "no", "off", "false"):
+        if enabled is None:
+            raw = os.environ.get("NIXL_MALLOC_TUNE", "1").strip().lower()
+            enabled = raw not in ("0", "no", "off", "false")
+        if not enabled:
             return False
         if not sys.platform.startswith("linux"):
             return False
@@ -46,9 +54,12 @@ def tune_malloc() -> bool:
             return False
         if ok:
             logger.info(
-                "glibc malloc: M_MMAP_THRESHOLD=%d, M_TRIM_THRESHOLD=%d (NIXL_MALLOC_TUNE=0 to skip)",
+                "nixl-core set glibc malloc M_MMAP_THRESHOLD=%d and M_TRIM_THRESHOLD=%d for this "
+                "process (faster descriptor paths; up to %d MiB of freed heap stays mapped). "
+                "Turn it off with AgentConfig(tune_malloc=False) or NIXL_MALLOC_TUNE=0.",
                 MMAP_THRESHOLD,
                 TRIM_THRESHOLD,
+                TRIM_THRESHOLD >> 20,
             )
         _done = ok
         return ok

@@ -311,8 +311,8 @@ def foreign_error(
 ) -> NixlError:
     """The typed error for an exception that is not a :class:`NixlError`, raised by a backend.
 
-    The core calls it at the backend boundary (``raise foreign_error(exc, ...) from exc``) so
-    that callers only ever see the error tree above.
+    The core calls it at the backend boundary so that callers only ever see the error tree
+    above; the result is chained to ``exc`` (``__cause__``) already.
 
     Args:
         exc: what the backend raised.
@@ -324,4 +324,5 @@ def foreign_error(
     err = cls(f"backend {backend} failed to {what}: {type(exc).__name__}: {exc}")
     if isinstance(err, TransferError):
         err.backend = backend
+    err.__cause__ = exc
     return err

@@ -1,21 +1,47 @@
-"""Memory types and the registration table.
+"""Memory types, the registration table, and the bookkeeping of registered regions.
 
 A :class:`RegTable` holds the registered regions of one memory type as sorted numpy columns, so that
 checking that every transfer descriptor lies inside one registration is one vectorized binary search
-(``np.searchsorted``), never a Python loop per descriptor.
+(``np.searchsorted``), never a Python loop per descriptor. :class:`Regions` is what an agent knows
+of one side (its own registrations, or a remote agent's loaded ones): the tables plus, per backend,
+the handles, public blobs and coverage. :func:`register_regions` / :func:`deregister_regions` call
+the backends and keep those books consistent whatever a backend raises.
 """
 
 from __future__ import annotations
 
 import bisect
 import enum
+import logging
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
-from nixl_core.errors import InvalidDescriptorError, MemTypeError, RegistrationError
+from nixl_core.errors import (
+    InvalidDescriptorError,
+    MemTypeError,
+    NixlError,
+    PluginError,
+    RegistrationError,
+    foreign_error,
+)
 
-__all__ = ["UNBOUNDED", "MemType", "RegTable"]
+if TYPE_CHECKING:
+    from nixl_core.backend import Backend
+    from nixl_core.descriptors import DescList
+
+__all__ = [
+    "UNBOUNDED",
+    "MemType",
+    "RegTable",
+    "Regions",
+    "deregister_regions",
+    "register_regions",
+]
+
+logger = logging.getLogger(__name__)
 
 #: Registered length used for storage regions registered with len 0 ("the whole file").
 UNBOUNDED = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
@@ -394,3 +420,253 @@ class _Directory:
             pos += adv
         pos[below] = -1
         return pos
+
+
+def _span(rows: U64) -> str:
+    """How to name a list of regions in a message: the count and the first region."""
+    n = int(rows.shape[0])
+    first = f"[addr=0x{int(rows[0, 0]):x}, len={int(rows[0, 1])}, dev={int(rows[0, 2])}]"
+    return f"region 0 {first}" if n == 1 else f"regions 0..{n - 1} (region 0 {first})"
+
+
+class Regions:
+    """The registered regions of one agent (its own) or of one remote agent (as loaded).
+
+    Each region has a *slot*; the per-memory-type :class:`RegTable` maps descriptors to slots.
+    Per backend (by name), ``handles[b][slot]`` is the backend's handle for the region (what
+    ``register`` returned for the agent's own regions, what ``load_remote`` returned for a
+    peer's), ``loopback[b][slot]`` what ``load_local`` returned (the target side of a transfer
+    to the agent's own memory), ``blobs[b][slot]`` its public data, and ``has[b]`` a boolean
+    array over slots for vectorized coverage checks. ``metas[slot]`` is the registration's meta.
+    """
+
+    def __init__(self) -> None:
+        self.tables: dict[MemType, RegTable] = {}
+        self.handles: dict[str, dict[int, Any]] = {}
+        self.loopback: dict[str, dict[int, Any]] = {}
+        self.has: dict[str, npt.NDArray[np.bool_]] = {}
+        self.blobs: dict[str, dict[int, bytes]] = {}
+        self.metas: dict[int, bytes] = {}
+        self.next_slot = 0
+        # Bumped whenever registrations leave: backend states cached on prepared lists
+        # (Backend.prep_side) from an older epoch are rebuilt.
+        self.epoch = 0
+
+    def table(self, mem_type: MemType) -> RegTable:
+        """The table of one memory type (created empty on first use)."""
+        t = self.tables.get(mem_type)
+        if t is None:
+            t = self.tables[mem_type] = RegTable(mem_type)
+        return t
+
+    def handle_map(self, backend: str, loopback: bool) -> Mapping[int, Any]:
+        """slot -> handle of one backend: registration (or loaded) handles, or loopback ones."""
+        return (self.loopback if loopback else self.handles).get(backend, {})
+
+    def new_slots(self, n: int) -> I64:
+        """``n`` fresh slots."""
+        slots = np.arange(self.next_slot, self.next_slot + n, dtype=np.int64)
+        self.next_slot += n
+        return slots
+
+    def mark(self, backend: str, slots: I64, value: bool) -> None:
+        """Record whether a backend holds these slots."""
+        arr = self.has.get(backend)
+        if arr is None or arr.size < self.next_slot:
+            grown = np.zeros(max(self.next_slot, 16), dtype=bool)
+            if arr is not None:
+                grown[: arr.size] = arr
+            arr = self.has[backend] = grown
+        arr[slots] = value
+
+    def held(self, slots: I64) -> npt.NDArray[np.bool_]:
+        """Per slot: does any backend still hold it."""
+        out = np.zeros(slots.size, bool)
+        for arr in self.has.values():
+            inside = slots < arr.size
+            out[inside] |= arr[slots[inside]]
+        return out
+
+    def covers(self, backend: str, slots: I64 | None, single: int = -1) -> bool:
+        """Whether the backend holds every slot (``single`` >= 0: that one slot)."""
+        arr = self.has.get(backend)
+        if arr is None:
+            return False
+        if single >= 0:
+            return single < arr.size and bool(arr[single])
+        if slots is None:
+            return False
+        if slots.size and int(slots.max()) >= arr.size:
+            return False
+        return bool(arr[slots].all()) if slots.size else True
+
+    def attach(
+        self,
+        backend: str,
+        slots: I64,
+        handles: Sequence[Any],
+        blobs: Sequence[bytes] | None = None,
+        loopback: Sequence[Any] | None = None,
+    ) -> None:
+        """Record a backend's handles (and public blobs, loopback handles) for these slots."""
+        keys = slots.tolist()
+        self.handles.setdefault(backend, {}).update(zip(keys, handles, strict=True))
+        if blobs is not None:
+            self.blobs.setdefault(backend, {}).update(zip(keys, blobs, strict=True))
+        if loopback is not None:
+            self.loopback.setdefault(backend, {}).update(zip(keys, loopback, strict=True))
+        self.mark(backend, slots, True)
+
+    def detach(self, backend: str, slots: Sequence[int]) -> tuple[list[Any], list[Any]]:
+        """Forget a backend's hold on these slots; returns (its handles, its loopback handles)."""
+        hmap = self.handles.get(backend, {})
+        lmap = self.loopback.get(backend, {})
+        bmap = self.blobs.get(backend, {})
+        handles = [hmap.pop(s) for s in slots if s in hmap]
+        loops = [lmap.pop(s) for s in slots if s in lmap]
+        for s in slots:
+            bmap.pop(s, None)
+        self.mark(backend, np.asarray(slots, np.int64), False)
+        return handles, loops
+
+
+def register_regions(
+    regions: Regions,
+    targets: Sequence[Backend],
+    mem_type: MemType,
+    rows: U64,
+    metas: Sequence[bytes],
+    agent: str,
+) -> None:
+    """Register regions with every target backend, keeping the books consistent on any failure.
+
+    The rows enter the table first (overlaps are refused before any backend is touched). A
+    backend that fails is left out, with a warning, while the others keep the regions; when
+    every backend fails, the error is raised and the rows leave the table again. An exception
+    that is not a :class:`NixlError` becomes a :class:`RegistrationError` naming the backend and
+    the regions. An interrupt (any BaseException) undoes everything, then propagates.
+
+    Raises:
+        RegistrationError: an overlap, or every backend failed (one backend: its error).
+        PluginError: several backends failed (each one's error in the message).
+    """
+    table = regions.table(mem_type)
+    slots = regions.new_slots(int(rows.shape[0]))
+    table.add(rows, slots)  # raises on duplicates/overlaps before any backend is touched
+    what = f"register {mem_type.value} {_span(rows)} of agent {agent!r}"
+    errors: dict[str, NixlError] = {}
+    done: list[Backend] = []
+    try:
+        for b in targets:
+            try:
+                _register_one(regions, b, mem_type, rows, metas, slots)
+            except Exception as exc:
+                err = (
+                    exc
+                    if isinstance(exc, NixlError)
+                    else foreign_error(exc, b.name, what, RegistrationError)
+                )
+                errors[b.name] = err
+                logger.warning("backend %s failed to %s: %s", b.name, what, err)
+                continue
+            done.append(b)
+        if not done:
+            if len(errors) == 1:
+                raise next(iter(errors.values()))
+            raise PluginError(
+                f"every backend failed to {what}: "
+                + "; ".join(f"{k}: {v}" for k, v in errors.items())
+            )
+    except BaseException:
+        for b in done:
+            _deregister_one(regions, b, slots.tolist())
+        table.remove_positions(table.find_exact(rows))
+        raise
+    regions.metas.update(zip(slots.tolist(), metas, strict=True))
+
+
+def _register_one(
+    regions: Regions, b: Backend, mem_type: MemType, rows: U64, metas: Sequence[bytes], slots: I64
+) -> None:
+    """One backend registers the rows; whatever it returned is released again if the books
+    cannot take it (wrong handle count, public data or loopback load failing)."""
+    handles = list(b.register(mem_type, rows, metas))
+    try:
+        if len(handles) != slots.size:
+            raise PluginError(
+                f"backend {b.name} returned {len(handles)} handles for {slots.size} regions"
+            )
+        blobs = [b.public_data(h) for h in handles] if b.supports_remote else None
+        loops: list[Any] = []
+        if b.supports_local:
+            try:
+                loops.extend(b.load_local(h) for h in handles)
+            except BaseException:
+                for h in loops:
+                    b.unload_local(h)
+                raise
+    except BaseException:
+        b.deregister(handles)
+        raise
+    regions.attach(b.name, slots, handles, blobs, loops if b.supports_local else None)
+
+
+def _deregister_one(regions: Regions, b: Backend, slots: Sequence[int]) -> None:
+    handles, loops = regions.detach(b.name, slots)
+    for h in loops:
+        b.unload_local(h)
+    if handles:
+        b.deregister(handles)
+
+
+def deregister_regions(
+    regions: Regions, backends: Sequence[Backend], reg: DescList, agent: str
+) -> None:
+    """Deregister exactly what was registered, from the given backends.
+
+    Rows leave the table once no backend holds them any more. A backend that raises is still
+    forgotten (its handles are not retried); the first failure is raised at the end, typed.
+
+    Raises:
+        RegistrationError: a descriptor matches no registration (names its index), or a backend
+            failed to deregister (names it).
+    """
+    mem_type = reg.mem_type
+    rows = reg.array
+    table = regions.tables.get(mem_type)
+    pos = table.find_exact(rows) if table is not None else np.full(len(reg), -1, np.int64)
+    missing = np.flatnonzero(pos < 0)
+    if missing.size:
+        i = int(missing[0])
+        a, ln, d = (int(x) for x in rows[i])
+        raise RegistrationError(
+            f"descriptor {i} [addr=0x{a:x}, len={ln}, dev={d}] matches no "
+            f"{mem_type.value} registration of agent {agent!r}",
+            index=i,
+        )
+    assert table is not None
+    slots = table.slots_at(pos)
+    regions.epoch += 1
+    failure: BaseException | None = None
+    for b in backends:
+        mine = [s for s in slots.tolist() if s in regions.handles.get(b.name, {})]
+        if not mine:
+            continue
+        try:
+            _deregister_one(regions, b, mine)
+        except Exception as exc:
+            if failure is None:
+                failure = (
+                    exc
+                    if isinstance(exc, NixlError)
+                    else foreign_error(
+                        exc, b.name, f"deregister {mem_type.value} {_span(rows)}", RegistrationError
+                    )
+                )
+    still = regions.held(slots)
+    if not still.all():
+        table.remove_positions(pos[~still])
+        for s in slots[~still].tolist():
+            regions.metas.pop(s, None)
+    if failure is not None:
+        raise failure

@@ -38,6 +38,10 @@ per section:  backend name (``str``)
 
 Trailer: 4 bytes, u32 CRC-32 (:func:`zlib.crc32`) of every byte before it.
 
+The second half of the module is what an agent does with metadata: :func:`export_metadata`
+builds an agent's blob from its registrations, :func:`load_connections` / :func:`load_section`
+load a peer's into a :class:`RemoteAgent` (additively), and :func:`unload_remote` forgets it.
+
 Decoding is strict and never evaluates anything: it checks, in order, the magic, the version,
 the declared total length against the blob's size (truncated / trailing bytes), the CRC, the
 flags, and then every count and length against the bytes that remain before reading or
@@ -49,20 +53,49 @@ of sections; the agent name and backend names must be non-empty.
 
 from __future__ import annotations
 
+import itertools
+import logging
 import struct
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from itertools import pairwise
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import numpy as np
 import numpy.typing as npt
 
-from nixl_core.errors import MemTypeError, MetadataError
-from nixl_core.memory import MemType
+from nixl_core.errors import (
+    MemTypeError,
+    MetadataError,
+    NixlError,
+    NotAllowedError,
+    NotFoundError,
+    PluginError,
+    RegistrationError,
+    foreign_error,
+)
+from nixl_core.memory import MemType, Regions
 
-__all__ = ["FORMAT_VERSION", "MAGIC", "MAX_NAME_BYTES", "AgentMetadata", "Section"]
+if TYPE_CHECKING:
+    from nixl_core.backend import Backend
+    from nixl_core.descriptors import DescList
+
+__all__ = [
+    "FORMAT_VERSION",
+    "MAGIC",
+    "MAX_NAME_BYTES",
+    "AgentMetadata",
+    "RemoteAgent",
+    "Section",
+    "export_metadata",
+    "load_connections",
+    "load_metadata",
+    "load_section",
+    "unload_remote",
+]
+
+logger = logging.getLogger(__name__)
 
 #: Binary format version written by :meth:`AgentMetadata.encode`; the only one decode accepts.
 FORMAT_VERSION: int = 1
@@ -551,3 +584,243 @@ class _Reader:
                 offset=self.pos,
             )
         return AgentMetadata(name, conns, sections)
+
+
+# --------------------------------------------------------------------------- agents' metadata
+_generations = itertools.count(1)
+
+
+class RemoteAgent:
+    """What an agent knows of one remote agent: its connection info per backend (the ones
+    this agent reached), why the others could not reach it, and its loaded regions.
+
+    ``generation`` is new for every load of a name after a removal: lists prepared against an
+    older generation are refused (:class:`~nixl_core.errors.StaleHandleError`).
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.generation = next(_generations)
+        self.conns: dict[str, bytes] = {}
+        self.unreachable: dict[str, str] = {}
+        self.regions = Regions()
+
+
+def export_metadata(
+    name: str,
+    regions: Regions,
+    backends: Sequence[Backend],
+    subset: DescList | None,
+    conn_info: bool,
+    with_regions: bool = True,
+) -> bytes:
+    """An agent's metadata, encoded: connection info and the public blob of each registration.
+
+    Args:
+        name: the agent's name.
+        regions: its own registrations.
+        backends: the remote-capable backends to export.
+        subset: only these registrations (each must be one exactly), or None for all.
+        conn_info: include connection info.
+        with_regions: include registrations at all.
+
+    Raises:
+        NotFoundError: a descriptor of ``subset`` is not exactly a registration (names it).
+    """
+    conns = tuple((b.name, _connection_info(b)) for b in backends) if conn_info else ()
+    sections: list[Section] = []
+    if with_regions:
+        if subset is not None:
+            table = regions.tables.get(subset.mem_type)
+            pos = table.find_exact(subset.array) if table else np.full(len(subset), -1, np.int64)
+            miss = np.flatnonzero(pos < 0)
+            if miss.size:
+                raise NotFoundError(
+                    f"descriptor {int(miss[0])} of the partial metadata request is not a "
+                    f"registration of agent {name!r}"
+                )
+            assert table is not None
+            items = [(subset.mem_type, table.slots_at(pos), subset.array)]
+        else:
+            items = [(mt, t.slots, t.rows()) for mt, t in regions.tables.items() if len(t)]
+        for mt, slots, rows in items:
+            for b in backends:
+                has = regions.has.get(b.name)
+                if has is None:
+                    continue
+                sel = has[slots]
+                if not sel.any():
+                    continue
+                blobs = regions.blobs[b.name]
+                chosen = slots[sel].tolist()
+                sections.append(
+                    Section(
+                        b.name, mt, np.ascontiguousarray(rows[sel]), tuple(blobs[s] for s in chosen)
+                    )
+                )
+    return AgentMetadata(name, conns, tuple(sections)).encode()
+
+
+def _connection_info(b: Backend) -> bytes:
+    try:
+        return b.connection_info()
+    except NixlError:
+        raise
+    except Exception as exc:
+        raise foreign_error(exc, b.name, "give its connection info") from exc
+
+
+def load_metadata(
+    remotes: dict[str, RemoteAgent], md: AgentMetadata, backends: Mapping[str, Backend], agent: str
+) -> RemoteAgent:
+    """Load a peer's (full or partial) metadata into an agent's remote agents, additively.
+
+    A first load needs at least one backend that can reach the peer; later loads add
+    connection info and regions.
+
+    Raises:
+        PluginError: a new peer that no backend of this agent can reach (each one's reason).
+        NotAllowedError / MetadataError: as :func:`load_connections` and :func:`load_section`.
+    """
+    remote = remotes.get(md.name)
+    new = remote is None
+    if remote is None:
+        remote = RemoteAgent(md.name)
+    load_connections(remote, md, backends)
+    if new:
+        if not remote.conns:
+            why = "; ".join(f"{k}: {v}" for k, v in remote.unreachable.items())
+            raise PluginError(
+                f"agent {md.name!r} shares no usable backend with agent {agent!r} "
+                f"(its: {', '.join(n for n, _ in md.conns) or 'none'}; ours: "
+                f"{', '.join(backends) or 'none'}){'; ' + why if why else ''}"
+            )
+        remotes[md.name] = remote
+    for section in md.sections:
+        load_section(remote, section, backends)
+    return remote
+
+
+def load_connections(
+    remote: RemoteAgent, md: AgentMetadata, backends: Mapping[str, Backend]
+) -> None:
+    """Hand each backend the peer's connection info for it; note the ones that cannot reach it.
+
+    Raises:
+        NotAllowedError: connection info that differs from what was loaded before.
+    """
+    for bname, info in md.conns:
+        b = backends.get(bname.upper())
+        if b is None or not b.supports_remote:
+            continue
+        known = remote.conns.get(b.name)
+        if known is not None:
+            if known != info:
+                raise NotAllowedError(
+                    f"agent {md.name!r} sent different {b.name} connection info than before; "
+                    "remove_remote() it first"
+                )
+            continue
+        try:
+            b.load_remote_conn(md.name, info)
+        except Exception as exc:  # this backend cannot reach it; another may
+            if not isinstance(exc, NixlError):
+                exc = foreign_error(exc, b.name, f"load the connection info of agent {md.name!r}")
+            logger.info("backend %s cannot reach %s: %s", b.name, md.name, exc)
+            remote.unreachable[b.name] = str(exc)
+            continue
+        remote.conns[b.name] = info
+        remote.unreachable.pop(b.name, None)
+
+
+def load_section(remote: RemoteAgent, section: Section, backends: Mapping[str, Backend]) -> None:
+    """Load one section of a peer's metadata (additive: known regions are not loaded twice).
+
+    Raises:
+        NotAllowedError: a changed blob for a known region, or a region overlapping a
+            different one loaded before (the peer re-registered that memory).
+        MetadataError: the backend cannot use a blob (names it).
+    """
+    bname = section.backend.upper()
+    b = backends.get(bname)
+    if b is None or bname not in remote.conns:
+        return  # a backend we lack or cannot reach: nothing to load
+    regions = remote.regions
+    table = regions.table(section.mem_type)
+    rows = section.descs
+    pos = table.find_exact(rows)
+    known = pos >= 0
+    blobs_known = regions.blobs.setdefault(bname, {})
+    load_idx: list[int] = []
+    existing_slots = table.slots_at(pos[known]) if known.any() else np.empty(0, np.int64)
+    for i, s in zip(np.flatnonzero(known).tolist(), existing_slots.tolist(), strict=True):
+        old = blobs_known.get(s)
+        if old is None:
+            load_idx.append(i)
+        elif old != section.blobs[i]:
+            raise NotAllowedError(
+                f"agent {remote.name!r} sent a different {bname} blob for its region {i} "
+                f"[addr=0x{int(rows[i, 0]):x}]; remove_remote() it first"
+            )
+    new_idx = np.flatnonzero(~known)
+    new_slots = regions.new_slots(int(new_idx.size))
+    if new_idx.size:
+        try:
+            table.add(np.ascontiguousarray(rows[new_idx]), new_slots)
+        except RegistrationError as exc:
+            i = int(new_idx[exc.index]) if exc.index is not None else 0
+            raise NotAllowedError(
+                f"agent {remote.name!r} sent its {section.mem_type.value} region {i} "
+                f"[addr=0x{int(rows[i, 0]):x}, len={int(rows[i, 1])}, dev={int(rows[i, 2])}] "
+                "that overlaps a different region loaded from its earlier metadata (it "
+                "re-registered that memory); remove_remote() it and add its metadata again"
+            ) from exc
+    all_idx = np.concatenate([np.asarray(load_idx, np.int64), new_idx]).astype(np.int64)
+    if all_idx.size == 0:
+        return
+    slot_of = np.empty(rows.shape[0], np.int64)
+    slot_of[np.flatnonzero(known)] = existing_slots
+    slot_of[new_idx] = new_slots
+    target_slots = slot_of[all_idx]
+    blobs = [section.blobs[i] for i in all_idx.tolist()]
+    what = f"load {section.mem_type.value} regions of agent {remote.name!r}"
+    try:
+        handles = b.load_remote(
+            remote.name, section.mem_type, np.ascontiguousarray(rows[all_idx]), blobs
+        )
+        if len(handles) != target_slots.size:
+            b.unload_remote(remote.name, handles)
+            raise PluginError(
+                f"backend {b.name} returned {len(handles)} handles for {target_slots.size} regions"
+            )
+    except BaseException as exc:
+        if new_idx.size:
+            table.remove_positions(table.find_exact(np.ascontiguousarray(rows[new_idx])))
+        if isinstance(exc, Exception) and not isinstance(exc, NixlError):
+            raise foreign_error(exc, b.name, what, MetadataError) from exc
+        raise
+    regions.attach(bname, target_slots, handles, blobs)
+
+
+def unload_remote(remote: RemoteAgent, backends: Mapping[str, Backend]) -> None:
+    """Unload a peer's regions from every backend that reached it and disconnect them all
+    (every backend is disconnected even when another fails; the first failure is raised)."""
+    failure: NixlError | None = None
+    for bname in remote.conns:
+        b = backends[bname]
+        handles = list(remote.regions.handles.get(bname, {}).values())
+        try:
+            try:
+                if handles:
+                    b.unload_remote(remote.name, handles)
+            finally:
+                b.disconnect(remote.name)
+        except Exception as exc:
+            err = (
+                exc
+                if isinstance(exc, NixlError)
+                else foreign_error(exc, b.name, f"unload and disconnect agent {remote.name!r}")
+            )
+            failure = failure or err
+    if failure is not None:
+        raise failure

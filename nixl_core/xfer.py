@@ -1,9 +1,13 @@
 """Transfer requests: the state machine, prepared lists, per-request telemetry.
 
 A request is PENDING when made, IN_PROGRESS or DONE after :meth:`XferRequest.post`, and ERROR when
-the backend reports a failure (then :meth:`~XferRequest.check` raises the error). A DONE or ERROR
-request may be posted again; posting or releasing a request that is still IN_PROGRESS raises
-:class:`~nixl_core.errors.RepostActiveError` (release first tries to abort it).
+the backend reports a failure. Every answer of the backend (post or poll) goes through one place
+(``XferRequest._observe``): a request in ERROR always carries its exception in ``error``, and
+:meth:`~XferRequest.check` / :meth:`~XferRequest.wait` raise it; the failure path (the agent
+dropping a disconnected peer) runs whichever call saw the error. A DONE or ERROR request may be
+posted again (for ERROR, the explicit reset: the old exception is dropped); posting a request
+that is still IN_PROGRESS raises :class:`~nixl_core.errors.RepostActiveError`, and releasing it
+aborts it (it ends in ERROR with a TransferCanceledError).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from nixl_core.errors import (
     TransferCanceledError,
     TransferError,
     TransferTimeoutError,
+    foreign_error,
 )
 from nixl_core.memory import MemType
 
@@ -302,6 +307,10 @@ class XferRequest:
     def post(self, notif: bytes | str | _Keep | None = KEEP, *, stream: Any = None) -> XferStatus:
         """Start the transfer; returns DONE or IN_PROGRESS.
 
+        A request that ended in ERROR keeps its exception (``error``; ``check()`` and
+        ``wait()`` raise it) until it is posted again: posting it is the explicit reset (the
+        old error is dropped, the transfer runs anew).
+
         Args:
             notif: replaces the notification given at creation (None = send none); omit to keep.
             stream: start only after the work queued on this stream (CUDA backends with
@@ -312,8 +321,11 @@ class XferRequest:
             NotSupportedError: ``stream`` given to a backend without stream order (names the
                 backend; the request is left as it was).
             RepostActiveError: the request is still in progress.
+            TransferError: the run still in flight when this post was called had failed (its
+                exception; the request is in ERROR and the next post resets it).
             StaleHandleError / UnknownAgentError: the peer's metadata was removed or replaced.
-            TransferError: the backend failed to start it (status becomes ERROR).
+            TransferError: the backend failed to start it (status becomes ERROR, ``error`` is
+                this exception).
         """
         breq = self._live()
         if stream is not None and not self.backend.supports_stream:
@@ -321,15 +333,18 @@ class XferRequest:
                 f"backend {self.backend_name} cannot order a transfer after a stream "
                 "(post(stream=...)); synchronize the stream and post without it"
             )
-        if (
-            self.status is XferStatus.IN_PROGRESS
-            and self.poll_backend(breq) is XferStatus.IN_PROGRESS
-        ):
-            raise RepostActiveError(f"{self!r} is still in progress; wait for it before reposting")
+        if self.status is XferStatus.IN_PROGRESS:
+            st = self._poll(breq)
+            if st is XferStatus.IN_PROGRESS:
+                raise RepostActiveError(
+                    f"{self!r} is still in progress; wait for it before reposting"
+                )
+            if st is XferStatus.ERROR:  # the run in flight failed: say so (posting again resets)
+                raise self._error()
         self._agent._check_generation(self.peer, self._gen)
         if not isinstance(notif, _Keep):
             self.notif = notif.encode() if isinstance(notif, str) else notif
-        self.error = None
+        self.error = None  # the explicit reset of a request that ended in ERROR
         self._telemetry = None
         self._t_end = 0
         self._t0_wall = time.time_ns()
@@ -339,38 +354,70 @@ class XferRequest:
                 st = self.backend.post(breq, self.notif)
             else:
                 st = self.backend.post_stream(breq, self.notif, stream)
-        except NixlError as exc:
+        except Exception as exc:
             self._t_post = time.perf_counter_ns()
-            self._fail(exc)
-            raise
+            raise self._failed(exc, "post") from exc
         self._t_post = time.perf_counter_ns()
-        return self._settle(st, breq)
+        if self._observe(st, breq) is XferStatus.ERROR:
+            raise self._error()
+        return self.status
 
-    def poll_backend(self, breq: BackendRequest) -> XferStatus:
-        """Ask the backend once (no exception raising); updates status."""
-        st = self.backend.poll(breq)
+    def _poll(self, breq: BackendRequest) -> XferStatus:
+        """Ask the backend once and record what it says (an exception it raised included)."""
+        try:
+            st = self.backend.poll(breq)
+        except Exception as exc:
+            self._failed(exc, "poll")
+            return XferStatus.ERROR
+        return self._observe(st, breq)
+
+    def _observe(self, st: XferStatus, breq: BackendRequest) -> XferStatus:
+        """The one place a backend's answer (post or poll) changes the request's state.
+
+        ERROR always records the exception (the backend's ``error``, or a TransferError saying
+        it gave none) and runs the failure path (the agent's disconnect handling).
+        """
         if st is XferStatus.DONE:
-            self._done()
+            self.status = XferStatus.DONE
+            self._t_end = time.perf_counter_ns()
+        elif st is XferStatus.IN_PROGRESS:
+            self.status = XferStatus.IN_PROGRESS
         elif st is XferStatus.ERROR:
-            self.status = XferStatus.ERROR
-        return st
+            err = breq.error
+            if not isinstance(err, NixlError):
+                why = (
+                    f"{type(err).__name__}: {err}"
+                    if err is not None
+                    else "backend reported ERROR without a reason"
+                )
+                err = TransferError(
+                    f"{self!r} failed: {why}", backend=self.backend_name, request=self
+                )
+            self._fail(err)
+        return self.status
+
+    def _failed(self, exc: BaseException, what: str) -> BaseException:
+        """Record an exception raised by the backend (made typed first) and return it."""
+        if not isinstance(exc, NixlError):
+            exc = foreign_error(exc, self.backend_name, f"{what} {self!r}", TransferError)
+        self._fail(exc)
+        return exc
+
+    def _error(self) -> BaseException:
+        assert self.error is not None  # ERROR always carries its exception (_fail)
+        return self.error
 
     def check(self) -> XferStatus:
         """Progress and return the state: DONE, IN_PROGRESS (or PENDING if never posted).
 
         Raises:
-            TransferError: the transfer ended in ERROR (the backend's reason; status is ERROR).
+            TransferError: the transfer ended in ERROR (its exception, kept in ``error`` until
+                the request is posted again).
         """
         if self.status is XferStatus.IN_PROGRESS:
-            breq = self._live()
-            try:
-                st = self.backend.poll(breq)
-            except NixlError as exc:
-                self._fail(exc)
-                raise
-            return self._settle(st, breq)
-        if self.status is XferStatus.ERROR and self.error is not None:
-            raise self.error
+            self._poll(self._live())
+        if self.status is XferStatus.ERROR:
+            raise self._error()
         return self.status
 
     def wait(self, timeout: float | None = None, poll_interval: float = 0.0) -> XferStatus:
@@ -393,29 +440,11 @@ class XferRequest:
                 time.sleep(poll_interval)
             else:  # let a backend with completion threads block instead of spinning
                 left = 0.05 if deadline is None else min(0.05, max(0.0, deadline - now))
-                self.backend.block(self._live(), left)
+                try:
+                    self.backend.block(self._live(), left)
+                except Exception as exc:
+                    raise self._failed(exc, "wait for") from exc
         return st
-
-    def _settle(self, st: XferStatus, breq: BackendRequest) -> XferStatus:
-        if st is XferStatus.DONE:
-            self._done()
-        elif st is XferStatus.IN_PROGRESS:
-            self.status = XferStatus.IN_PROGRESS
-        else:
-            err = breq.error
-            if not isinstance(err, NixlError):
-                err = TransferError(
-                    f"{self!r} failed: {err or 'backend reported ERROR without a reason'}",
-                    backend=self.backend_name,
-                    request=self,
-                )
-            self._fail(err)
-            raise err
-        return self.status
-
-    def _done(self) -> None:
-        self.status = XferStatus.DONE
-        self._t_end = time.perf_counter_ns()
 
     def _fail(self, exc: BaseException) -> None:
         self.status = XferStatus.ERROR
@@ -449,23 +478,44 @@ class XferRequest:
     def release(self) -> None:
         """Free the request; aborts it if still running (idempotent).
 
+        A request released while in progress ends in ERROR with a TransferCanceledError (its
+        ``error``); one that had failed keeps its exception.
+
         Raises:
             RepostActiveError: the backend could not abort it (the request stays valid).
+            TransferError: the backend failed while releasing it (the request is released
+                anyway).
         """
-        if self._breq is None:
+        breq = self._breq
+        if breq is None:
             return
         if self.status is XferStatus.IN_PROGRESS:
-            self.poll_backend(self._breq)
-        self.backend.release(self._breq)
+            self._poll(breq)
+        failure: Exception | None = None
+        try:
+            self.backend.release(breq)
+        except RepostActiveError:
+            raise
+        except Exception as exc:  # the backend's state of it is gone either way: finish, then say
+            failure = exc
         if self._t_end and self._telemetry is None:
             _ = self.telemetry  # built now, while the backend request still names the path
         if self.status is XferStatus.IN_PROGRESS:
-            self.status = XferStatus.ERROR
-            self.error = TransferCanceledError(
-                f"{self!r} was released while in progress", backend=self.backend_name, request=self
+            self._fail(
+                TransferCanceledError(
+                    f"{self!r} was released while in progress",
+                    backend=self.backend_name,
+                    request=self,
+                )
             )
         self._breq = None
         self._agent._forget(self)
+        if isinstance(failure, NixlError):
+            raise failure
+        if failure is not None:
+            raise foreign_error(
+                failure, self.backend_name, f"release {self!r}", TransferError
+            ) from failure
 
     def __enter__(self) -> XferRequest:
         return self
