@@ -34,3 +34,6 @@ def make_agent() -> Iterator[Callable[..., Agent]]:
     yield factory
     for a in made:
         a.close()
+
+
+pytest_plugins = ["pytester"]
