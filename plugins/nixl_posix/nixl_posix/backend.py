@@ -48,6 +48,7 @@ from nixl_core.errors import (
 )
 from nixl_core.memory import MemType
 from nixl_posix._staging import Stager, VramRequest, require_staging
+from nixl_posix.params import MAX_IO_ALIGN, PARAMS
 
 __all__ = ["FileIOError", "PosixBackend", "parse_path_meta"]
 
@@ -622,16 +623,8 @@ class PosixBackend(Backend):
     supports_local = True
     supports_remote = False
     supports_notif = False
-    install_hint = "pip install nixl-posix"
-    default_params: ClassVar[Mapping[str, str]] = {
-        "engine": "auto",
-        "ring_entries": "4096",
-        "num_threads": "4",
-        "max_io_size": str(8 << 20),
-        "async_min_size": "0",
-        "inline_max_bytes": str(1 << 20),
-        "staging_bytes": str(64 << 20),
-    }
+    param_specs = PARAMS
+    api_version = 2
 
     @classmethod
     def probe(cls) -> Availability:
@@ -639,29 +632,33 @@ class PosixBackend(Backend):
             return Availability(False, "needs Linux (pread/pwrite on file descriptors)")
         return Availability(True)
 
-    def __init__(self, agent_name: str, params: Mapping[str, Any]) -> None:
+    def __init__(self, agent_name: str, params: Mapping[str, Any] | None = None) -> None:
+        """Start the engines the ``engine`` param asks for.
+
+        Args:
+            agent_name: the owning agent.
+            params: resolved by the core (see :mod:`nixl_posix.params`), or a plain mapping.
+
+        Raises:
+            InvalidParamError: a bad or unknown parameter, ``staging_bytes`` < 2 x
+                ``max_io_size``, or a forced engine (``uring``, ``aio``) that cannot run here.
+        """
         super().__init__(agent_name, params)
-        p = {**self.default_params, **{k: str(v) for k, v in params.items()}}
-        try:
-            entries = int(p["ring_entries"])
-            threads = int(p["num_threads"])
-            self._max_io = int(p["max_io_size"])
-            self._async_min = int(p["async_min_size"])
-            self._inline_max = int(p["inline_max_bytes"])
-            staging = int(p["staging_bytes"])
-        except ValueError as exc:
-            raise InvalidParamError(f"POSIX params: {exc}") from exc
-        if entries < 1 or threads < 1 or self._max_io < 4096 or staging < 2 * self._max_io:
+        p = self.params
+        entries: int = p["ring_entries"]
+        max_io: int = p["max_io_size"]
+        staging: int = p["staging_bytes"]
+        if staging < 2 * max_io:
             raise InvalidParamError(
-                "POSIX params: ring_entries and num_threads must be >= 1, max_io_size >= 4096, "
-                "staging_bytes >= 2 x max_io_size"
+                f"POSIX params: staging_bytes={staging} must be at least 2 x max_io_size="
+                f"{max_io} (the staging pool's two slots each take a whole I/O)",
+                param="staging_bytes",
+                value=staging,
             )
-        self._max_io &= ~4095  # split points stay O_DIRECT-aligned
-        engine = p["engine"].lower()
-        if engine not in ("auto", "uring", "aio", "threads"):
-            raise InvalidParamError(
-                f"POSIX engine {engine!r}: expected auto, uring, aio or threads"
-            )
+        self._max_io = max_io & ~(MAX_IO_ALIGN - 1)  # split points stay O_DIRECT-aligned
+        self._async_min: int = p["async_min_size"]
+        self._inline_max: int = p["inline_max_bytes"]
+        engine: str = p["engine"]
         self._cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
         self._uring: _UringEngine | None = None
         self._aio: _AioEngine | None = None
@@ -673,7 +670,9 @@ class PosixBackend(Backend):
                 self._uring = _UringEngine(self.name, entries)
             except UringUnavailableError as exc:
                 if engine == "uring":
-                    raise InvalidParamError(f"POSIX engine 'uring' is unavailable: {exc}") from exc
+                    raise InvalidParamError(
+                        f"POSIX engine 'uring' is unavailable: {exc}", param="engine", value=engine
+                    ) from exc
                 logger.info("io_uring unavailable (%s)", exc)
         if engine in ("auto", "aio"):
             from nixl_posix._aio import AioUnavailableError
@@ -682,12 +681,14 @@ class PosixBackend(Backend):
                 self._aio = _AioEngine(self.name, entries, self._inline_max)
             except AioUnavailableError as exc:
                 if engine == "aio":
-                    raise InvalidParamError(f"POSIX engine 'aio' is unavailable: {exc}") from exc
+                    raise InvalidParamError(
+                        f"POSIX engine 'aio' is unavailable: {exc}", param="engine", value=engine
+                    ) from exc
                 logger.info("Linux AIO unavailable (%s)", exc)
         if self._uring is None and self._aio is None:
             if engine == "auto":
                 logger.info("POSIX uses its thread engine (neither io_uring nor AIO works here)")
-            self._threads = _ThreadEngine(self.name, threads)
+            self._threads = _ThreadEngine(self.name, p["num_threads"])
         self.engine_name = "+".join(
             n for n, e in (("uring", self._uring), ("aio", self._aio), ("threads", self._threads))
             if e is not None
