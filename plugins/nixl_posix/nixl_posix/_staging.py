@@ -24,6 +24,7 @@ import numpy.typing as npt
 
 from nixl_core.backend import BackendRequest, XferOp, XferStatus
 from nixl_core.errors import NotSupportedError, RepostActiveError, TransferCanceledError
+from nixl_posix._request import Request
 
 __all__ = ["Stager", "VramRequest", "require_staging", "staging_unavailable_reason"]
 
@@ -73,7 +74,7 @@ class _Chunk:
 
     __slots__ = ("io", "nbytes", "table")
 
-    def __init__(self, io: Any, table: Any, nbytes: int) -> None:
+    def __init__(self, io: Request, table: Any, nbytes: int) -> None:
         self.io, self.table, self.nbytes = io, table, nbytes
 
 
@@ -131,7 +132,7 @@ class Stager:
     """
 
     def __init__(
-        self, backend: str, pool_bytes: int, run_io: Callable[[Any], BaseException | None]
+        self, backend: str, pool_bytes: int, run_io: Callable[[Request], BaseException | None]
     ) -> None:
         self._backend = backend
         self.slot_bytes = pool_bytes // 2 // _ALIGN * _ALIGN
@@ -170,7 +171,7 @@ class Stager:
         dev: int,
         vram: U64,
         lens: U64,
-        make_io: Callable[[int, int, U64], Any],
+        make_io: Callable[[int, int, U64], Request],
     ) -> VramRequest:
         """Cut a request into chunks.
 

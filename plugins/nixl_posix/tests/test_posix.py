@@ -12,13 +12,16 @@ import pytest
 from nixl_posix._aio import aio_unavailable_reason
 from nixl_posix._uring import uring_unavailable_reason
 from nixl_posix.backend import FileIOError, PosixBackend, parse_path_meta
+from nixl_posix.params import PARAMS
 
 from nixl_core import Agent, DescList, XferStatus, list_backends
 from nixl_core.errors import (
     InvalidDescriptorError,
+    InvalidParamError,
     NotSupportedError,
     RegistrationError,
 )
+from nixl_core.params import env_var
 
 ENGINES = ["auto", "uring", "aio", "threads"]
 
@@ -318,15 +321,67 @@ def test_query_mem(agent: Agent, tmp_path: Path) -> None:
     assert got[0] is not None and got[0]["size"] == 3 and got[1] is None
 
 
-def test_bad_params() -> None:
-    from nixl_core.errors import InvalidParamError
+def test_explicit_param_beats_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NIXL_POSIX_<PARAM> fills a parameter nobody gave; an explicit value wins over it (even
+    one equal to the default), and so does the agent's config."""
+    monkeypatch.setenv("NIXL_POSIX_ENGINE", "threads")
+    monkeypatch.setenv("NIXL_POSIX_NUM_THREADS", "2")
+    with Agent("posix-env", backends=[]) as a:
+        b = a.create_backend("POSIX", {"num_threads": 4})
+        assert isinstance(b, PosixBackend)
+        assert b.params["num_threads"] == 4 and b.params.source("num_threads") == "explicit"
+        assert b.params.source("engine") == "env NIXL_POSIX_ENGINE" and b.engine_name == "threads"
+    with Agent("posix-cfg", backends=["POSIX"], backend_params={"POSIX": {"engine": "auto"}}) as a:
+        b = a.backend("POSIX")
+        assert b.params["engine"] == "auto" and b.params.source("engine") == "config"
+        assert b.params["num_threads"] == 2
 
-    with pytest.raises(InvalidParamError, match="engine 'fast'"):
-        PosixBackend("x", {"engine": "fast"})
-    with pytest.raises(InvalidParamError, match="max_io_size"):
-        PosixBackend("x", {"max_io_size": 10})
-    with pytest.raises(InvalidParamError, match="staging_bytes"):
-        PosixBackend("x", {"staging_bytes": 1 << 20})
+
+@pytest.mark.parametrize(
+    ("params", "named"),
+    [
+        ({"engine": "fast"}, "engine='fast'.*one of auto, uring, aio, threads"),
+        ({"ring_entries": 0}, "ring_entries=0"),
+        ({"ring_entries": 1 << 16}, "ring_entries=65536.*in 1..32768"),
+        ({"num_threads": "two"}, "num_threads='two'"),
+        ({"max_io_size": 10}, "max_io_size=10"),
+        ({"max_io_size": 4 << 30}, "max_io_size=4294967296"),
+        ({"inline_max_bytes": -1}, "inline_max_bytes=-1"),
+        ({"engin": "threads"}, "unknown POSIX param 'engin'.*did you mean 'engine'"),
+    ],
+)
+def test_bad_param_raises_naming_it(params: dict[str, object], named: str) -> None:
+    """A bad value or an unknown name raises InvalidParamError naming the parameter."""
+    with pytest.raises(InvalidParamError, match=named) as ei:
+        PosixBackend("x", params)
+    assert ei.value.param == next(iter(params))
+
+
+def test_bad_env_value_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bad NIXL_POSIX_<PARAM> fails agent creation naming the variable and the value."""
+    monkeypatch.setenv("NIXL_POSIX_RING_ENTRIES", "lots")
+    with pytest.raises(InvalidParamError, match=r"ring_entries='lots'.*NIXL_POSIX_RING_ENTRIES"):
+        Agent("posix-bad-env", backends=["POSIX"])
+
+
+def test_staging_must_hold_two_ios() -> None:
+    """staging_bytes below 2 x max_io_size raises naming both parameters and their values."""
+    with pytest.raises(
+        InvalidParamError, match=r"staging_bytes=8388608 .* 2 x max_io_size=8388608"
+    ) as ei:
+        PosixBackend("x", {"staging_bytes": 8 << 20})
+    assert ei.value.param == "staging_bytes"
+
+
+def test_readme_params_table_matches_the_declarations() -> None:
+    """The README's params table lists every declared parameter with its default and env var."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    rows = {}
+    for line in readme.split("## Params", 1)[1].splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0].startswith("`"):
+            rows[cells[0].strip("`")] = (cells[1].split()[0].strip("`"), cells[2].strip("`"))
+    assert rows == {p.name: (p.display, env_var("POSIX", p.name)) for p in PARAMS}
 
 
 def test_many_small_descriptors_from_prepped_lists(agent: Agent, tmp_path: Path) -> None:
