@@ -1,10 +1,10 @@
 """The CUDA side of NVLINK: the copy kernel's source and thin wrappers over cupy and the driver.
 
 Nothing here is imported by the entry point; :mod:`nixl_nvlink.backend` imports this module in
-``probe()`` and its constructor. cupy provides the runtime (IPC handles, pinned host memory,
-streams, events, NVRTC kernels); cuda-bindings provides the two driver queries cupy lacks (the
-allocation that contains a pointer, and whether that allocation can be exported as a legacy
-CUDA IPC handle).
+``probe()`` and its constructor, :mod:`nixl_nvlink._regions` when it exports or imports VMM
+memory. cupy provides the runtime (IPC handles, pinned host memory, streams, events, NVRTC
+kernels); cuda-bindings provides the two driver queries cupy lacks (the allocation that contains
+a pointer, and whether that allocation can be exported as a legacy CUDA IPC handle).
 """
 
 from __future__ import annotations
