@@ -1,10 +1,10 @@
 """The CUDA side of NVLINK: the copy kernel's source and thin wrappers over cupy and the driver.
 
 Nothing here is imported by the entry point; :mod:`nixl_nvlink.backend` imports this module in
-``probe()`` and its constructor. cupy provides the runtime (IPC handles, pinned host memory,
-streams, events, NVRTC kernels); cuda-bindings provides the two driver queries cupy lacks (the
-allocation that contains a pointer, and whether that allocation can be exported as a legacy
-CUDA IPC handle).
+``probe()`` and its constructor, :mod:`nixl_nvlink._regions` when it exports or imports VMM
+memory. cupy provides the runtime (IPC handles, pinned host memory, streams, events, NVRTC
+kernels); cuda-bindings provides the two driver queries cupy lacks (the allocation that contains
+a pointer, and whether that allocation can be exported as a legacy CUDA IPC handle).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import importlib
 from typing import Any
 
 __all__ = ["COPY_KERNEL", "GATHER_KERNEL", "Cuda", "Vmm", "load"]
@@ -124,10 +125,11 @@ class Cuda:
     def __init__(self) -> None:
         import cupy
 
+        # By name: one binding whichever module provides it, typed or not (no redefinition).
         try:
-            from cuda.bindings import driver
+            driver = importlib.import_module("cuda.bindings.driver")
         except ImportError:  # cuda-python before 12.6 named the module cuda.cuda
-            from cuda import cuda as driver  # type: ignore[no-redef]
+            driver = importlib.import_module("cuda.cuda")
 
         self.cupy: Any = cupy
         self.rt: Any = cupy.cuda.runtime

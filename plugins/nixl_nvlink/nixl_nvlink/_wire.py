@@ -2,7 +2,13 @@
 
 Connection info (one per agent)::
 
-    b"NVC1" | u32 pid | u16 n | boot id (n) | u16 n | hostname (n) | u16 n | socket address (n)
+    b"NVC2" | u16 n | host identity (n bytes) | u16 m | notification socket address (m bytes)
+
+The host identity is :meth:`nixl_core.host.HostIdentity.encode` (boot id, host name, pid, pid and
+network namespaces): the core's one same-host rule decides whether a peer is reachable. The
+socket address is the peer's abstract Unix datagram socket; its VMM fd server listens at the
+same address plus ``b"-fd"``. Version 1 (``b"NVC1"``) carried the pid, boot id and host name
+itself; it is refused, naming the upgrade.
 
 Region blob (one per registered region)::
 
@@ -29,6 +35,7 @@ import struct
 import attrs
 
 from nixl_core.errors import MetadataError
+from nixl_core.host import HostIdentity
 
 __all__ = [
     "IPC_HANDLE_BYTES",
@@ -43,7 +50,7 @@ __all__ = [
     "encode_region",
 ]
 
-CONN_MAGIC = b"NVC1"
+CONN_MAGIC = b"NVC2"
 REG_MAGIC = b"NVR1"
 IPC_HANDLE_BYTES = 64
 KIND_DEVICE = 1
@@ -54,15 +61,19 @@ _DEVICE = struct.Struct("<4sB16sQQQ64s")
 _HOST = struct.Struct("<4sB")
 _VMM = struct.Struct("<4sBB16sQQQH")
 _CHUNK = struct.Struct("<QQQ")
+_LEN = struct.Struct("<H")
 
 
 @attrs.frozen
 class ConnInfo:
-    """A peer's connection info: who and where it is, and its notification socket."""
+    """A peer's connection info: who and where it is, and its notification socket.
 
-    pid: int
-    boot_id: bytes
-    hostname: str
+    Attributes:
+        ident: the peer process's host identity (host, pid, namespaces).
+        sock_addr: its notification socket's abstract address (the fd server adds ``b"-fd"``).
+    """
+
+    ident: HostIdentity
     sock_addr: bytes
 
 
@@ -88,52 +99,55 @@ class RegionBlob:
 
 def encode_conn(info: ConnInfo) -> bytes:
     """Connection info bytes (see the module docstring)."""
-    host = info.hostname.encode()
+    ident = info.ident.encode()
     return b"".join(
         (
             CONN_MAGIC,
-            struct.pack("<IH", info.pid, len(info.boot_id)),
-            info.boot_id,
-            struct.pack("<H", len(host)),
-            host,
-            struct.pack("<H", len(info.sock_addr)),
+            _LEN.pack(len(ident)),
+            ident,
+            _LEN.pack(len(info.sock_addr)),
             info.sock_addr,
         )
     )
 
 
 def _field(buf: bytes, off: int, what: str) -> tuple[bytes, int]:
-    if off + 2 > len(buf):
+    if off + _LEN.size > len(buf):
         raise MetadataError(f"NVLINK connection info ends inside the length of {what}", off)
-    (n,) = struct.unpack_from("<H", buf, off)
-    off += 2
+    (n,) = _LEN.unpack_from(buf, off)
+    off += _LEN.size
     if off + n > len(buf):
         raise MetadataError(f"NVLINK connection info: {what} runs past the end", off)
     return buf[off : off + n], off + n
 
 
 def decode_conn(buf: bytes) -> ConnInfo:
-    """Parse connection info.
+    """Parse connection info, strictly (the whole buffer).
 
     Raises:
-        MetadataError: bad magic, truncated, trailing bytes or a non-UTF-8 hostname.
+        MetadataError: bad magic (another format version says to upgrade), truncated, a bad
+            host identity or trailing bytes; the offset is counted from the buffer's start.
     """
     buf = bytes(buf)
     if buf[:4] != CONN_MAGIC:
-        raise MetadataError(f"NVLINK connection info has magic {buf[:4]!r}, not {CONN_MAGIC!r}", 0)
-    if len(buf) < 10:
-        raise MetadataError("NVLINK connection info is truncated", len(buf))
-    (pid,) = struct.unpack_from("<I", buf, 4)
-    boot, off = _field(buf, 8, "the boot id")
-    host, off = _field(buf, off, "the hostname")
+        older = (
+            " (another nixl-nvlink version: upgrade the older side)" if buf[:3] == b"NVC" else ""
+        )
+        raise MetadataError(
+            f"NVLINK connection info has magic {buf[:4]!r}, not {CONN_MAGIC!r}{older}", 0
+        )
+    raw, off = _field(buf, len(CONN_MAGIC), "the host identity")
+    start = off - len(raw)
+    try:
+        ident = HostIdentity.decode(raw, "NVLINK connection info: the host identity")
+    except MetadataError as exc:
+        at = None if exc.offset is None else start + exc.offset
+        msg = str(exc).removesuffix(f" (at byte {exc.offset})")
+        raise MetadataError(msg, at) from None
     addr, off = _field(buf, off, "the socket address")
     if off != len(buf):
         raise MetadataError(f"NVLINK connection info has {len(buf) - off} trailing bytes", off)
-    try:
-        hostname = host.decode()
-    except UnicodeDecodeError as exc:
-        raise MetadataError("NVLINK connection info: hostname is not UTF-8", 10) from exc
-    return ConnInfo(pid, boot, hostname, addr)
+    return ConnInfo(ident, addr)
 
 
 def encode_region(blob: RegionBlob) -> bytes:

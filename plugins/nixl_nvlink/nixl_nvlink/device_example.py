@@ -1,13 +1,15 @@
 """GPU-initiated transfers: a kernel of your own reads (or writes) a peer's GPU memory directly.
 
-:meth:`nixl_nvlink.backend.NvlinkBackend.mem_view` turns descriptors of a peer's registered VRAM
-into a device array of pointers mapped into this process. This module is the example that ships
-with the plugin: a gather kernel that copies ``n`` blocks of ``block`` bytes, block ``i`` from
-``ptrs[i]`` (peer memory), into a contiguous local buffer. Any kernel can do the same with the
-pointers: read them, write them, or mix them into its own computation::
+:meth:`nixl_nvlink.backend.NvlinkBackend.mem_view` turns descriptors of a peer's registered VRAM,
+resolved by the agent (:meth:`nixl_core.agent.Agent.resolve`), into a device array of pointers
+mapped into this process. This module is the example that ships with the plugin: a gather
+kernel that copies ``n`` blocks of ``block`` bytes, block ``i`` from ``ptrs[i]`` (peer memory),
+into a contiguous local buffer. Any kernel can do the same with the pointers: read them, write
+them, or mix them into its own computation::
 
     nv = agent.backend("NVLINK")
-    view = nv.mem_view(peer_name, peer_block_descs)      # cupy uint64 array, one pointer a block
+    side = agent.resolve(peer_name, peer_block_descs, "VRAM", backend="NVLINK")
+    view = nv.mem_view(side)                             # cupy uint64 array, one pointer a block
     out = cupy.empty(n * block, cupy.uint8)
     gather_blocks(view, block, out)                      # one launch; no host work per block
 

@@ -1,13 +1,15 @@
-"""NVLINK's own tests: the metadata codec and probe (everywhere), and on a GPU the copy kernel's
-alignment paths, chunking, DRAM <-> VRAM, cross-process transfers, refusals with reasons,
-make() on the host (small batches) and on the GPU, stream-ordered posting, completion events and
-device-side memory views."""
+"""NVLINK's own tests: the metadata codec, probe, params and the pointer mapping (everywhere),
+and on a GPU the copy kernel's alignment paths, chunking, DRAM <-> VRAM, cross-process
+transfers, refusals with reasons, make() on the host (small batches) and on the GPU,
+stream-ordered posting, completion events and device-side memory views."""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
+import attrs
 import numpy as np
 import pytest
 from nixl_nvlink._wire import (
@@ -21,16 +23,20 @@ from nixl_nvlink._wire import (
     encode_conn,
     encode_region,
 )
+from nixl_nvlink.backend import NvlinkBackend
 
 from nixl_core.agent import Agent
 from nixl_core.backend import XferStatus
 from nixl_core.descriptors import DescList
 from nixl_core.errors import (
     InvalidDescriptorError,
+    InvalidParamError,
     MetadataError,
     NotPostedError,
     NotSupportedError,
 )
+from nixl_core.host import HostIdentity, local_identity
+from nixl_core.params import env_var, resolve_params
 from nixl_core.testing import BackendFixtures, PeerProcess
 
 SRC_SEED, PEER_SEED, OTHER_SEED = 101, 202, 303
@@ -51,17 +57,75 @@ def test_probe_never_raises_and_says_why(nixl_fresh_plugins: Any) -> None:
 
 
 def test_conn_info_round_trip_and_strictness() -> None:
-    """Connection info decodes to what was encoded; every truncation and extra byte is refused."""
-    info = ConnInfo(1234, b"boot-id-1", "host-a", b"\0nixl-nvlink-x")
+    """Connection info (host identity + socket address) decodes to what was encoded; every
+    truncation and extra byte is refused; offsets inside the identity count from the start."""
+    ident = HostIdentity(b"boot-id-1", "host-a", 1234, 4026531836, 4026531840)
+    info = ConnInfo(ident, b"\0nixl-nvlink-x")
     raw = encode_conn(info)
     assert decode_conn(raw) == info
     for cut in range(len(raw)):
         with pytest.raises(MetadataError):
             decode_conn(raw[:cut])
-    with pytest.raises(MetadataError):
+    with pytest.raises(MetadataError, match="trailing"):
         decode_conn(raw + b"\0")
-    with pytest.raises(MetadataError):
+    with pytest.raises(MetadataError, match="magic"):
         decode_conn(b"XXXX" + raw[4:])
+    with pytest.raises(MetadataError, match="upgrade the older side"):
+        decode_conn(b"NVC1" + raw[4:])
+    with pytest.raises(MetadataError, match="host identity") as bad:
+        decode_conn(raw[:6] + b"XXXX" + raw[10:])
+    assert bad.value.offset == 6
+    assert decode_conn(encode_conn(ConnInfo(local_identity(), b"a"))).ident == local_identity()
+
+
+def test_params_are_declared_and_resolved_by_the_core(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NVLINK's params resolve through the core: "false" is False (it used to read as true),
+    explicit beats the environment, bad values name the param and what is accepted."""
+    specs = NvlinkBackend.param_specs
+    assert resolve_params("NVLINK", specs, env={})["device_gather"] is True
+    for off in ("false", "0", "no", "off"):
+        got = resolve_params("NVLINK", specs, explicit={"device_gather": off}, env={})
+        assert got["device_gather"] is False, off
+    env = {env_var("NVLINK", "device_gather"): "false", env_var("NVLINK", "chunk_bytes"): "4096"}
+    got = resolve_params("NVLINK", specs, explicit={"chunk_bytes": 1024}, env=env)
+    assert got["device_gather"] is False and got.source("device_gather").startswith("env ")
+    assert got["chunk_bytes"] == 1024 and got.source("chunk_bytes") == "explicit"
+    for name, bad in (
+        ("chunk_bytes", 1000),
+        ("chunk_bytes", 256),
+        ("blocks_per_sm", 0),
+        ("blocks_per_sm", 33),
+        ("host_gather_max", -1),
+        ("device_gather", "maybe"),
+    ):
+        with pytest.raises(InvalidParamError, match=name) as exc:
+            resolve_params("NVLINK", specs, explicit={name: bad}, env={})
+        assert exc.value.param == name
+    monkeypatch.setenv(env_var("NVLINK", "host_gather_max"), "0")
+    assert resolve_params("NVLINK", specs)["host_gather_max"] == 0
+
+
+def test_readme_params_table_matches_the_declarations() -> None:
+    """The README's params table is the declarations: name, default, env var, accepted values
+    and meaning of every param, and no other row."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    table = readme.split("\n| param | default | env var | accepts | meaning |\n", 1)[1]
+    rows = {}
+    for line in table.split("\n\n", 1)[0].splitlines()[1:]:  # past the |---| line
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0].strip("`")] = cells
+    want = {
+        p.name: [
+            f"`{p.name}`",
+            f"`{p.display}`",
+            f"`{env_var('NVLINK', p.name)}`",
+            p.accepted,
+            p.doc,
+        ]
+        for p in NvlinkBackend.param_specs
+    }
+    assert {k: rows.get(k) for k in want} == want
+    assert not set(rows) - set(want), "README params table has rows for no declared param"
 
 
 def test_region_blob_round_trip_and_strictness() -> None:
@@ -105,6 +169,38 @@ def test_vmm_region_blob_round_trip_and_strictness() -> None:
     far = RegionBlob(KIND_VMM, b"u" * 16, 0, 22 << 20, 22 << 20, b"", chunks)
     with pytest.raises(MetadataError, match="offset"):
         decode_region(encode_region(far))
+
+
+def test_side_pointers_map_each_registration_without_a_loop() -> None:
+    """A side's descriptors become device pointers by one offset per registration (vectorized);
+    the GPUs holding them and host memory are reported; a peer's DRAM is refused by name."""
+    from nixl_nvlink._regions import LocalReg, RemoteReg
+    from nixl_nvlink._tables import pointers
+
+    from nixl_core.backend import XferSide
+    from nixl_core.memory import MemType
+
+    regs = {
+        3: RemoteReg("p", False, 1, 0x1000, b"k"),
+        7: LocalReg(0x9000, -1, True, -0x100, False, b""),
+        9: RemoteReg("p", False, 2, 0, b""),
+    }
+    slots = np.array([7, 3, 9, 3, 7], np.int64)
+    addrs = np.array([0x9000, 0x20, 0x40, 0x60, 0x9010], np.uint64)
+    n = len(addrs)
+    side = XferSide(
+        MemType.VRAM, addrs, np.full(n, 8, np.uint64), np.zeros(n, np.uint64), slots, regs
+    )
+    ptrs, devs, host = pointers(side, "remote")
+    np.testing.assert_array_equal(ptrs, [0x8F00, 0x1020, 0x40, 0x1060, 0x8F10])
+    assert devs == {1, 2} and host
+    one = attrs.evolve(side, reg_slots=np.full(n, 3, np.int64), single_slot=3)
+    ptrs, devs, host = pointers(one, "remote")
+    np.testing.assert_array_equal(ptrs, addrs + np.uint64(0x1000))
+    assert devs == {1} and not host
+    regs[3] = RemoteReg("peer-x", True, -1, 0, b"")
+    with pytest.raises(NotSupportedError, match="'peer-x''s DRAM"):
+        pointers(side, "remote")
 
 
 # ---------------------------------------------------------------------------------- on a GPU
@@ -249,21 +345,24 @@ class TestNvlinkGpu(BackendFixtures):
                 peer.name,
             )
 
-    def test_other_host_is_refused_with_reason(self, agent: Agent) -> None:
-        """Connection info from another host is refused with a message that says to use UCX."""
+    def test_other_host_or_netns_is_refused_with_reason(self, agent: Agent) -> None:
+        """Connection info from another host or network namespace is refused (the core's
+        same-host rule) with a message that says to use UCX; another pid namespace is not."""
         nv = agent.backend("NVLINK")
         info = decode_conn(nv.connection_info())
-        other = ConnInfo(info.pid, info.boot_id, info.hostname + "-elsewhere", info.sock_addr)
-        with pytest.raises(NotSupportedError, match="use the UCX backend"):
-            nv.load_remote_conn("far-agent", encode_conn(other))
+        far = attrs.evolve(info.ident, boot_id=b"another-boot", hostname="elsewhere")
+        with pytest.raises(NotSupportedError, match=r"another host.*UCX"):
+            nv.load_remote_conn("far-agent", encode_conn(ConnInfo(far, info.sock_addr)))
+        netns = attrs.evolve(info.ident, net_ns=info.ident.net_ns + 1)
+        with pytest.raises(NotSupportedError, match=r"network namespace.*UCX"):
+            nv.load_remote_conn("ns-agent", encode_conn(ConnInfo(netns, info.sock_addr)))
+        pidns = attrs.evolve(info.ident, pid_ns=info.ident.pid_ns + 1)
+        nv.load_remote_conn("pidns-agent", encode_conn(ConnInfo(pidns, info.sock_addr)))
+        nv.disconnect("pidns-agent")
 
-    @pytest.mark.parametrize("how", ["post_stream", "post_after"])
-    def test_stream_order_and_completion_event(
-        self, agent: Agent, buffer_factory: Any, how: str
-    ) -> None:
-        """req.post(stream=s) (or the backend's post_after) waits for a slow producer on the
-        caller's stream (no host sync), and a consumer stream waiting on
-        req.completion_event() sees the copied bytes."""
+    def test_stream_order_and_completion_event(self, agent: Agent, buffer_factory: Any) -> None:
+        """req.post(stream=s) waits for a slow producer on the caller's stream (no host sync),
+        and a consumer stream waiting on req.completion_event() sees the copied bytes."""
         cp = self.cp()
         nbytes = 1 << 20
         src = buffer_factory("VRAM", nbytes)
@@ -283,7 +382,6 @@ class TestNvlinkGpu(BackendFixtures):
         )
         user = cp.cuda.Stream(non_blocking=True)
         consumer = cp.cuda.Stream(non_blocking=True)
-        nv = agent.backend("NVLINK")
         req = agent.create(
             "WRITE",
             DescList.from_tuples([self.describe(src)], "VRAM"),
@@ -294,12 +392,8 @@ class TestNvlinkGpu(BackendFixtures):
             producer((64,), (256,), (src, np.uint64(nbytes)))
         with pytest.raises(NotPostedError):
             req.completion_event()
-        if how == "post_stream":
-            assert req.post(stream=user) is XferStatus.IN_PROGRESS
-            consumer.wait_event(req.completion_event())
-        else:
-            nv.post_after(req, user)
-            consumer.wait_event(nv.completion_event(req))
+        assert req.post(stream=user) is XferStatus.IN_PROGRESS
+        consumer.wait_event(req.completion_event())
         with consumer:
             total = int(dst.sum(dtype=cp.uint64))
         assert total == 7 * nbytes
@@ -307,9 +401,19 @@ class TestNvlinkGpu(BackendFixtures):
         req.release()
 
     @pytest.mark.parametrize("src_mem", ["VRAM", "DRAM"])
-    def test_make_gathers_on_the_gpu(self, agent: Agent, buffer_factory: Any, src_mem: str) -> None:
+    def test_make_gathers_on_the_gpu(
+        self,
+        agent_factory: Any,
+        buffer_factory: Any,
+        monkeypatch: pytest.MonkeyPatch,
+        src_mem: str,
+    ) -> None:
         """make() from prepared lists gathers the table on the GPU (index upload + gather
-        kernel) from columns kept resident since the first make; bytes land by index."""
+        kernel) from columns kept resident since the first make; bytes land by index.
+        host_gather_max=0 (from its environment variable) sends every make to the GPU."""
+        monkeypatch.setenv(env_var("NVLINK", "host_gather_max"), "0")
+        agent = agent_factory()
+        assert agent.backend("NVLINK").params.source("host_gather_max").startswith("env ")
         n, blk = 4096, 512
         src = buffer_factory(src_mem, n * blk, SRC_SEED)
         dst = buffer_factory("VRAM", n * blk)
@@ -320,7 +424,6 @@ class TestNvlinkGpu(BackendFixtures):
         rp = agent.prep(agent.name, DescList.strided("VRAM", d, blk, n, blk, ddev))
         rng = np.random.default_rng(29)
         want_src = self.pattern(SRC_SEED, n * blk).reshape(n, blk)
-        agent.backend("NVLINK")._host_gather_max = 0  # this test is about the GPU gather
         for k in range(3):
             li, ri = rng.permutation(n)[: n - k], rng.permutation(n)[: n - k]
             self.fill(dst, OTHER_SEED)
@@ -386,17 +489,21 @@ class TestNvlinkGpu(BackendFixtures):
     def test_mem_view_gpu_initiated_gather(
         self, agent: Agent, peer: PeerProcess, buffer_factory: Any
     ) -> None:
-        """mem_view() gives device pointers into a peer's VRAM; the example kernel gathers
-        scattered peer blocks with them, and scatters into them, with no transfer request."""
+        """mem_view() of descriptors the agent resolved gives device pointers into a peer's
+        VRAM; the example kernel gathers scattered peer blocks with them, and scatters into
+        them, with no transfer request. The agent's checks name a bad descriptor; a peer's
+        DRAM and a side resolved for another backend are refused."""
         from nixl_nvlink.device_example import gather_blocks, scatter_blocks
 
         cp = self.cp()
         n, blk = 1024, 4096
         pbuf = peer.alloc(n * blk, PEER_SEED, "VRAM")
+        hbuf = peer.alloc(4096, None, "DRAM")
         self.link(agent, peer)
         nv = agent.backend("NVLINK")
         perm = np.random.default_rng(23).permutation(n)
-        view = nv.mem_view(peer.name, self.blocks("VRAM", pbuf.addr, pbuf.dev, perm * blk, blk))
+        blocks = self.blocks("VRAM", pbuf.addr, pbuf.dev, perm * blk, blk)
+        view = nv.mem_view(agent.resolve(peer.name, blocks, backend="NVLINK"))
         assert view.dtype == cp.uint64 and view.size == n
         out = cp.zeros(n * blk, cp.uint8)
         gather_blocks(view, blk, out)
@@ -409,8 +516,15 @@ class TestNvlinkGpu(BackendFixtures):
         back = np.empty((n, blk), np.uint8)
         back[perm] = self.pattern(SRC_SEED, n * blk).reshape(n, blk)
         assert peer.digest(pbuf) == self.digest(back)
+        outside = [(pbuf.addr, 16, pbuf.dev), (pbuf.addr + n * blk, 16, pbuf.dev)]
         with pytest.raises(InvalidDescriptorError, match="descriptor 1"):
-            nv.mem_view(peer.name, [(pbuf.addr, 16, 0), (pbuf.addr + n * blk, 16, 0)], "VRAM")
+            agent.resolve(peer.name, outside, "VRAM", backend="NVLINK")
+        with pytest.raises(NotSupportedError, match="DRAM"):
+            nv.mem_view(agent.resolve(peer.name, [hbuf.desc()], "DRAM", backend="NVLINK"))
+        side = agent.resolve(peer.name, blocks, backend="NVLINK")
+        foreign = attrs.evolve(side, slot_handles=dict.fromkeys(side.slot_handles, 0))
+        with pytest.raises(InvalidParamError, match="resolved for NVLINK"):
+            nv.mem_view(foreign)
 
     def test_small_transfer_latency(
         self, agent: Agent, peer: PeerProcess, buffer_factory: Any

@@ -155,7 +155,7 @@ class TestNvlinkVmm(BackendFixtures):
     def _read_write(self, agent: Agent, buffer_factory: Any, proc: Any, info: dict, n: int) -> None:
         """READ the peer's VMM region into scattered local blocks, WRITE them back permuted,
         check both; the mapping is cached while loaded and gone after remove_remote."""
-        from nixl_nvlink import backend as nvmod
+        from nixl_nvlink import _regions
 
         peer = agent.add_remote(bytes.fromhex(info["md"]))
         nbytes = n * BLK
@@ -170,7 +170,7 @@ class TestNvlinkVmm(BackendFixtures):
             assert req.path == "nvlink:ipc"
         want = self.pattern(SEED, nbytes).reshape(n, BLK)
         np.testing.assert_array_equal(self.host(dst).reshape(n, BLK)[perm], want)
-        assert any(k.startswith(b"VMM") for k in nvmod._MAPS)
+        assert any(k.startswith(b"VMM") for k in _regions._MAPS)
         self.fill(dst, OTHER_SEED)
         rev = perm[::-1].copy()
         local = self.blocks("VRAM", self.describe(dst)[0], 0, rev * BLK, BLK)
@@ -180,7 +180,7 @@ class TestNvlinkVmm(BackendFixtures):
         other = self.pattern(OTHER_SEED, nbytes).reshape(n, BLK)
         assert self._digest(proc) == self.digest(np.ascontiguousarray(other[rev]))
         agent.remove_remote(peer)
-        assert not any(k.startswith(b"VMM") for k in nvmod._MAPS)
+        assert not any(k.startswith(b"VMM") for k in _regions._MAPS)
 
     def test_cumem_region_read_write_from_peer(
         self, agent: Agent, buffer_factory: Any, tmp_path: Any
