@@ -18,9 +18,10 @@ import pytest
 
 from nixl_core import list_backends
 from nixl_core.bench import main
-from nixl_core.bench.cli import gpu_status
 from nixl_core.bench.engines import RowTimes
-from nixl_core.bench.report import Progress, p99, stats_of
+from nixl_core.bench.machine import gpu_status
+from nixl_core.bench.report import p99, stats_of
+from nixl_core.bench.session import Progress
 from nixl_core.bench.workload import (
     KV_MODELS,
     SideLayout,
