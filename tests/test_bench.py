@@ -16,10 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nixl_core import list_backends
+from nixl_core import default_backend, list_backends
 from nixl_core.bench import main
 from nixl_core.bench.engines import RowTimes
 from nixl_core.bench.machine import gpu_status
+from nixl_core.bench.options import build_parser
+from nixl_core.bench.plan import choose_backends
 from nixl_core.bench.report import p99, stats_of
 from nixl_core.bench.session import Progress
 from nixl_core.bench.workload import (
@@ -369,6 +371,16 @@ def test_side_by_side_with_nixl(capsys: pytest.CaptureFixture[str], tmp_path: Pa
         assert r["ratio"] == pytest.approx(r["gbps"] / r["nixl_gbps"], rel=0.01)
         assert set(r["nixl"]) >= STAT_KEYS
     assert data["meta"]["check"]["nixl_failures"] == []
+
+
+# --------------------------------------------------------------------------- backends
+@pytest.mark.parametrize("target", ["DRAM", "FILE"])
+def test_default_backend_is_the_cores(target: str) -> None:
+    """Without --backend, nixl-py runs what nixl_core.default_backend picks for the segments."""
+    if target == "FILE" and not _file_backend():
+        pytest.skip("no installed backend registers FILE")
+    got = choose_backends(build_parser().parse_args(["--target-seg", target]))
+    assert got.ours == default_backend(("DRAM", target), remote=target != "FILE")[0]
 
 
 # --------------------------------------------------------------------------- clean errors

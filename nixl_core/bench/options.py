@@ -59,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = ap.add_argument_group("implementations")
     g.add_argument(
         "--backend",
-        help="nixl-py backend (default: UCX if installed, else LOOPBACK; for a FILE target the "
-        "first installed backend that registers FILE, e.g. POSIX)",
+        help="nixl-py backend (default: nixl-core's default for the segments, e.g. UCX, or "
+        "POSIX for a FILE target; the header says which and why)",
     )
     g.add_argument(
         "--against",

@@ -15,7 +15,7 @@ import tempfile
 import attrs
 import numpy as np
 
-from nixl_core import list_backends
+from nixl_core import default_backend, list_backends
 from nixl_core._plugins import INSTALL_HINTS
 from nixl_core.bench.machine import gpu_status, mem_available
 from nixl_core.bench.runner import BenchError
@@ -28,6 +28,7 @@ from nixl_core.bench.workload import (
     kv_layout,
     split_ids,
 )
+from nixl_core.errors import NotFoundError
 
 __all__ = [
     "LARGE_BLOCK",
@@ -298,20 +299,21 @@ class Backends:
 
 
 def choose_backends(args: argparse.Namespace) -> Backends:
-    """nixl-py's backend that can carry the requested segments, and NIXL's.
+    """nixl-py's backend for the segments (--backend, else nixl-core's default) and NIXL's.
 
     Raises:
-        BenchError: unknown, unavailable or unable backend; none installed for FILE or VRAM.
+        BenchError: an unknown, unavailable or unable --backend; no installed backend can carry
+            the segments.
     """
     infos = {b.name.upper(): b for b in list_backends()}
-    mems = {args.initiator_seg, args.target_seg}
+    mems = (args.initiator_seg, args.target_seg)
     remote = args.target_seg != "FILE"
 
     def why_not(name: str) -> str | None:
         b = infos[name]
         if not b.available:
             return f"backend {b.name} is installed but not available here: {b.reason}"
-        missing = sorted(m for m in mems if m not in b.mem_types)
+        missing = sorted(m for m in set(mems) if m not in b.mem_types)
         if missing:
             return (
                 f"backend {b.name} cannot move {'/'.join(missing)} (it supports "
@@ -342,20 +344,19 @@ def choose_backends(args: argparse.Namespace) -> Backends:
         if reason:
             raise BenchError(reason)
         return Backends(infos[name].name, _nixl_backend(args))
-    default = "UCX" if "UCX" in infos and infos["UCX"].available else "LOOPBACK"
-    order = [default, *sorted(n for n in infos if n != default)]
-    for name in order:
-        if name in infos and why_not(name) is None:
-            return Backends(infos[name].name, _nixl_backend(args))
-    if args.target_seg == "FILE":
+    try:
+        ours, _ = default_backend(mems, remote=remote)
+    except NotFoundError:
+        if not remote:
+            raise BenchError(
+                f"no installed backend supports FILE segments (installed: {installed}); install "
+                f"one, e.g. `{INSTALL_HINTS['POSIX']}`"
+            ) from None
         raise BenchError(
-            f"no installed backend supports FILE segments (installed: {installed}); install "
-            f"one, e.g. `{INSTALL_HINTS['POSIX']}`"
-        )
-    raise BenchError(
-        f"no installed backend moves {' -> '.join((args.initiator_seg, args.target_seg))} "
-        f"between two processes (installed: {installed}); e.g. `{INSTALL_HINTS['UCX']}`"
-    )
+            f"no installed backend moves {' -> '.join(mems)} between two processes "
+            f"(installed: {installed}); e.g. `{INSTALL_HINTS['UCX']}`"
+        ) from None
+    return Backends(ours, _nixl_backend(args))
 
 
 def _nixl_backend(args: argparse.Namespace) -> str:
