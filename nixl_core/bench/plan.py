@@ -11,11 +11,12 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+from collections.abc import Mapping, Sequence
 
 import attrs
 import numpy as np
 
-from nixl_core import default_backend, list_backends
+from nixl_core import BackendInfo, default_backend, list_backends
 from nixl_core._plugins import INSTALL_HINTS
 from nixl_core.bench.machine import gpu_status, mem_available
 from nixl_core.bench.runner import BenchError
@@ -287,15 +288,23 @@ def check_file_target(args: argparse.Namespace) -> None:
 
 @attrs.frozen
 class Backends:
-    """The backends of a run.
+    """The backends of a run: nixl-py's, how it was chosen, and NIXL's.
 
     Attributes:
         ours: nixl-py's backend.
+        chosen: "--backend" (asked for) or "default" (nixl-core's default for the segments).
+        reason: why it was chosen: nixl-core's one line for a default, else "asked for with
+            --backend".
         nixl: NIXL's backend (--nixl-backend, else UCX, or POSIX for a FILE target).
+        unlike: "" when both run the same backend, else a line saying they do not and how to
+            compare like with like.
     """
 
     ours: str
+    chosen: str
+    reason: str
     nixl: str
+    unlike: str
 
 
 def choose_backends(args: argparse.Namespace) -> Backends:
@@ -308,26 +317,6 @@ def choose_backends(args: argparse.Namespace) -> Backends:
     infos = {b.name.upper(): b for b in list_backends()}
     mems = (args.initiator_seg, args.target_seg)
     remote = args.target_seg != "FILE"
-
-    def why_not(name: str) -> str | None:
-        b = infos[name]
-        if not b.available:
-            return f"backend {b.name} is installed but not available here: {b.reason}"
-        missing = sorted(m for m in set(mems) if m not in b.mem_types)
-        if missing:
-            return (
-                f"backend {b.name} cannot move {'/'.join(missing)} (it supports "
-                f"{', '.join(b.mem_types)})"
-            )
-        if remote and not b.capabilities.get("remote"):
-            return (
-                f"backend {b.name} cannot reach an agent in another process (it is local-only; "
-                "use it with --target-seg FILE if it registers FILE)"
-            )
-        if not remote and not b.capabilities.get("local"):
-            return f"backend {b.name} cannot do loopback (FILE) transfers"
-        return None
-
     installed = ", ".join(
         f"{b.name} [{', '.join(b.mem_types)}]" if b.available else f"{b.name} (unavailable)"
         for b in infos.values()
@@ -340,24 +329,58 @@ def choose_backends(args: argparse.Namespace) -> Backends:
                 f"unknown backend {args.backend!r} (installed: {installed})"
                 + (f"; install it with `{hint}`" if hint else "")
             )
-        reason = why_not(name)
-        if reason:
-            raise BenchError(reason)
-        return Backends(infos[name].name, _nixl_backend(args))
-    try:
-        ours, _ = default_backend(mems, remote=remote)
-    except NotFoundError:
-        if not remote:
+        refusal = _why_not(infos[name], mems, remote)
+        if refusal:
+            raise BenchError(refusal)
+        ours, chosen, reason = infos[name].name, "--backend", "asked for with --backend"
+    else:
+        try:
+            ours, reason = default_backend(mems, remote=remote)
+        except NotFoundError:
+            if not remote:
+                raise BenchError(
+                    f"no installed backend supports FILE segments (installed: {installed}); "
+                    f"install one, e.g. `{INSTALL_HINTS['POSIX']}`"
+                ) from None
             raise BenchError(
-                f"no installed backend supports FILE segments (installed: {installed}); install "
-                f"one, e.g. `{INSTALL_HINTS['POSIX']}`"
+                f"no installed backend moves {' -> '.join(mems)} between two processes "
+                f"(installed: {installed}); e.g. `{INSTALL_HINTS['UCX']}`"
             ) from None
-        raise BenchError(
-            f"no installed backend moves {' -> '.join(mems)} between two processes "
-            f"(installed: {installed}); e.g. `{INSTALL_HINTS['UCX']}`"
-        ) from None
-    return Backends(ours, _nixl_backend(args))
+        chosen = "default"
+    nixl = str(args.nixl_backend or ("UCX" if remote else "POSIX")).upper()
+    unlike = "" if ours.upper() == nixl else _unlike(ours, nixl, infos, mems, remote)
+    return Backends(ours, chosen, reason, nixl, unlike)
 
 
-def _nixl_backend(args: argparse.Namespace) -> str:
-    return str(args.nixl_backend or ("POSIX" if args.target_seg == "FILE" else "UCX")).upper()
+def _why_not(b: BackendInfo, mems: Sequence[str], remote: bool) -> str | None:
+    """Why backend ``b`` cannot carry the segments ``mems`` (None: it can)."""
+    if not b.available:
+        return f"backend {b.name} is installed but not available here: {b.reason}"
+    missing = sorted(m for m in set(mems) if m not in b.mem_types)
+    if missing:
+        return (
+            f"backend {b.name} cannot move {'/'.join(missing)} (it supports "
+            f"{', '.join(b.mem_types)})"
+        )
+    if remote and not b.capabilities.get("remote"):
+        return (
+            f"backend {b.name} cannot reach an agent in another process (it is local-only; "
+            "use it with --target-seg FILE if it registers FILE)"
+        )
+    if not remote and not b.capabilities.get("local"):
+        return f"backend {b.name} cannot do loopback (FILE) transfers"
+    return None
+
+
+def _unlike(
+    ours: str, nixl: str, infos: Mapping[str, BackendInfo], mems: Sequence[str], remote: bool
+) -> str:
+    """The header's line for nixl-py and NIXL running different backends, with the remedy."""
+    head = f"nixl-py runs {ours}, NIXL runs {nixl}: not like with like; "
+    if nixl in infos:
+        refusal = _why_not(infos[nixl], mems, remote)
+        return head + (refusal or f"--backend {nixl} compares like with like")
+    hint = INSTALL_HINTS.get(nixl)
+    if hint:
+        return head + f"install nixl-py's {nixl} backend (`{hint}`) to compare like with like"
+    return head + f"nixl-py has no {nixl} backend"

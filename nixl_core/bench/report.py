@@ -7,6 +7,10 @@ request; ``Post`` = the post call; ``Tx`` = post's return to completion observed
 samples (nearest rank). ``Ratio`` = ours / NIXL bandwidth (> 1: nixl-py is faster). FILE rows
 with a DRAM initiator add ``dd B/W`` (the same bytes moved by sequential pread/pwrite calls of one
 block each) and ``vs dd`` = ours / dd.
+
+The header names the machine, both implementations (nixl-py's backend and how it was chosen, NIXL's
+version and backend, and a note when the two run different backends) and the workload; the JSON
+``meta`` holds the same facts.
 """
 
 from __future__ import annotations
@@ -304,6 +308,7 @@ def build_meta(
         "status": results.nixl_status,
         "version": ver,
         "backend": backends.nixl,
+        "unlike": backends.unlike or None,
         "progress_thread": args.nixl_progress_thread == "on",
     }
     gpus = gpu_names()
@@ -354,6 +359,8 @@ def build_meta(
         },
         "ours": {
             "backend": backends.ours,
+            "chosen": backends.chosen,
+            "reason": backends.reason,
             "path": rows[0].ours.path if rows and rows[0].ours else "",
         },
         "nixl": nixl_meta,
@@ -407,13 +414,14 @@ def table_rows(plan: Plan, results: Results) -> list[Row]:
 
 def render(meta: dict[str, Any], rows: Sequence[Row], plan: Plan, args: argparse.Namespace) -> str:
     """The report: the header (machine, both implementations, workload, notes), one table per op."""
-    m, w, nx = meta["machine"], meta["workload"], meta["nixl"]
+    m, w, nx, ours = meta["machine"], meta["workload"], meta["nixl"], meta["ours"]
+    how = "--backend" if ours["chosen"] == "--backend" else f"chosen by default: {ours['reason']}"
     gpu = ", ".join(meta["gpu"]) if meta["gpu"] else "no GPU"
     lines = [
         f"nixl-bench {meta['version']} · {meta['date']} · {m['cpus']} CPUs ({m['cpu']}), "
         f"{fmt_size(m['memory_bytes'])} RAM, {gpu} · Python {meta['versions']['python']}, "
         f"numpy {meta['versions']['numpy']}",
-        f"nixl-py: nixl-core {meta['version']}, backend {meta['ours']['backend']}"
+        f"nixl-py: nixl-core {meta['version']}, backend {ours['backend']} ({how})"
         + (", initiator and target in two processes" if args.target_seg != "FILE" else ""),
     ]
     if nx["compared"]:
@@ -422,6 +430,8 @@ def render(meta: dict[str, Any], rows: Sequence[Row], plan: Plan, args: argparse
             f"NIXL:    {nx['version']}, backend {nx['backend']}, progress thread {pt}"
             + (", two processes" if args.target_seg != "FILE" else "")
         )
+        if nx["unlike"]:
+            lines.append(f"note:    {nx['unlike']}")
     else:
         lines.append(f"NIXL:    {nx['status']}")
     req = w["request"] + (", rebuilt every iteration" if w["recreate_xfer"] else ", reposted")
