@@ -138,7 +138,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         # The cache holds twice the request's blocks, so a scattered request picks half of them.
         cache = 2 * kv.blocks
         side_bytes = kv.regions * cache * kv.desc_bytes
-        if not _fits(args, 2 * side_bytes):
+        if not _fits(2 * side_bytes):
             cache = kv.blocks
             side_bytes = kv.regions * cache * kv.desc_bytes
             notes.append("the KV cache holds only the request's blocks (memory is short)")
@@ -200,7 +200,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     need = plan.init_bytes * (args.initiator_seg != "VRAM") + plan.target_bytes * (
         args.target_seg == "DRAM"
     )
-    if not _fits(args, need):
+    if not _fits(need):
         raise BenchError(
             f"the buffers need {fmt_size(need)} of host memory but only "
             f"{fmt_size(mem_available())} is available; lower "
@@ -234,7 +234,7 @@ def _row_plan(
     )
 
 
-def _fits(args: argparse.Namespace, nbytes: int) -> bool:
+def _fits(nbytes: int) -> bool:
     return nbytes <= 0.8 * mem_available()
 
 
