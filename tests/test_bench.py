@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from importlib.metadata import entry_points
@@ -517,6 +518,22 @@ def test_bad_option_value_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -
     """argparse rejects a bad choice with status 2 and names the option."""
     rc, _, err = _run(capsys, "--op", "COPY")
     assert rc == 2 and "--op" in err
+
+
+def test_closed_stdout_is_not_a_traceback() -> None:
+    """A reader that left (``nixl-bench ... | head``) ends the run quietly, status 141."""
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        res = subprocess.run(
+            [sys.executable, "-m", "nixl_core.bench", *TINY, "--start-block-size", "4K",
+             "--max-block-size", "4K", "--op", "WRITE", "--against", "none"],
+            stdout=w, stderr=subprocess.PIPE, text=True, timeout=120, check=False,
+        )  # fmt: skip
+    finally:
+        os.close(w)
+    assert res.returncode == 141, res.stderr
+    assert res.stderr == ""
 
 
 def test_console_command_is_installed() -> None:

@@ -2,13 +2,15 @@
 
 Every impossible request (VRAM without a GPU, an unknown backend, FILE without a backend that
 registers FILE segments, a buffer that does not fit in memory) is refused before any process
-starts, with one line on stderr and exit status 2; a failed data check exits 1.
+starts, with one line on stderr and exit status 2; a failed data check exits 1; a closed stdout
+(``| head``) ends the run quietly with status 141.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import os
 import sys
 from collections.abc import Sequence
 
@@ -59,3 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("nixl-bench: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader left early (nixl-bench ... | head): nothing to report
+        # Point stdout at /dev/null so the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a writer whose pipe closed
