@@ -8,19 +8,26 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Any
 
+import attrs
 import numpy as np
 import pytest
 
-from nixl_core import list_backends
-from nixl_core.bench import main
-from nixl_core.bench.cli import gpu_status
+from nixl_core import __version__, default_backend, list_backends
+from nixl_core.bench import main, plan, session
 from nixl_core.bench.engines import RowTimes
-from nixl_core.bench.report import Progress, p99, stats_of
+from nixl_core.bench.machine import gpu_status
+from nixl_core.bench.options import build_parser
+from nixl_core.bench.plan import choose_backends
+from nixl_core.bench.report import p99, stats_of
+from nixl_core.bench.runner import ImplRun, Setup, run_impl
+from nixl_core.bench.session import Progress
 from nixl_core.bench.workload import (
     KV_MODELS,
     SideLayout,
@@ -368,6 +375,98 @@ def test_side_by_side_with_nixl(capsys: pytest.CaptureFixture[str], tmp_path: Pa
         assert r["ratio"] == pytest.approx(r["gbps"] / r["nixl_gbps"], rel=0.01)
         assert set(r["nixl"]) >= STAT_KEYS
     assert data["meta"]["check"]["nixl_failures"] == []
+    same = data["meta"]["ours"]["backend"] == data["meta"]["nixl"]["backend"]
+    assert ("not like with like" in out) is not same
+
+
+# --------------------------------------------------------------------------- backends
+@pytest.mark.parametrize("target", ["DRAM", "FILE"])
+def test_default_backend_is_the_cores(target: str) -> None:
+    """Without --backend, nixl-py runs what nixl_core.default_backend picks for the segments."""
+    if target == "FILE" and not _file_backend():
+        pytest.skip("no installed backend registers FILE")
+    got = choose_backends(build_parser().parse_args(["--target-seg", target]))
+    assert got.ours == default_backend(("DRAM", target), remote=target != "FILE")[0]
+
+
+@pytest.mark.parametrize("backend", [None, "LOOPBACK"])
+def test_header_names_the_backend_and_why(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, backend: str | None
+) -> None:
+    """The header and the JSON meta say which backend nixl-py ran and why: nixl-core's reason
+    for a default choice, --backend when it was asked for."""
+    out_json = tmp_path / "r.json"
+    rc, out, err = _run(
+        capsys,
+        *TINY, "--start-block-size", "4K", "--max-block-size", "4K", "--op", "WRITE",
+        "--against", "none", "--json", str(out_json), *(["--backend", backend] if backend else []),
+    )  # fmt: skip
+    assert rc == 0, err
+    if backend:
+        name, chosen, reason, how = backend, "--backend", "asked for with --backend", "--backend"
+    else:
+        name, reason = default_backend(("DRAM",))
+        chosen, how = "default", f"chosen by default: {reason}"
+    line = f"nixl-py: nixl-core {__version__}, backend {name} ({how}), initiator and target in two"
+    assert line + " processes" in out.splitlines()
+    ours = json.loads(out_json.read_text())["meta"]["ours"]
+    assert (ours["backend"], ours["chosen"], ours["reason"]) == (name, chosen, reason)
+    assert "like with like" not in out  # no NIXL row, nothing to compare
+
+
+def test_unlike_note_when_nixl_runs_another_backend(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """With NIXL's row on UCX and nixl-py on LOOPBACK the header says plainly that the comparison
+    is not like with like (and the JSON meta has the same line). nixl-py's processes stand in for
+    NIXL's: the header is under test, not NIXL, so this needs no NIXL and stays short. (Same
+    backends, no note: the side-by-side test and the next one.)"""
+
+    def stand_in(setup: Setup, *rest: Any) -> ImplRun:
+        return run_impl(attrs.evolve(setup, impl="ours") if setup.impl == "nixl" else setup, *rest)
+
+    monkeypatch.setattr(session, "_nixl_status", lambda args: (True, ""))
+    monkeypatch.setattr(session, "run_impl", stand_in)
+    out_json = tmp_path / "r.json"
+    rc, out, err = _run(
+        capsys,
+        *TINY, "--start-block-size", "4K", "--max-block-size", "4K", "--op", "WRITE",
+        "--backend", "LOOPBACK", "--json", str(out_json),
+    )  # fmt: skip
+    assert rc == 0, err
+    nixl = json.loads(out_json.read_text())["meta"]["nixl"]
+    assert nixl["compared"] is True and nixl["backend"] == "UCX"
+    assert nixl["unlike"].startswith("nixl-py runs LOOPBACK, NIXL runs UCX: not like with like")
+    header = out.split("\n\n")[0].splitlines()
+    assert [ln for ln in header if "like with like" in ln] == [f"note:    {nixl['unlike']}"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "drop", "remedy"),
+    [
+        (["--nixl-backend", "loopback"], None, None),
+        ([], None, "--backend UCX compares like with like"),
+        ([], "UCX", "install nixl-py's UCX backend (`pip install ./plugins/nixl_ucx`) to compare"),
+        (["--nixl-backend", "gds"], None, "nixl-py has no GDS backend"),
+    ],
+)
+def test_unlike_note_says_how_to_compare_like_with_like(
+    monkeypatch: pytest.MonkeyPatch, argv: list[str], drop: str | None, remedy: str | None
+) -> None:
+    """The note names both backends and the remedy: the --backend to pass, the plugin to
+    install, or that nixl-py has no such backend."""
+    infos = list_backends()
+    if "--backend UCX" in (remedy or "") and not any(
+        b.name == "UCX" and b.available for b in infos
+    ):
+        pytest.skip("UCX is not available here")
+    monkeypatch.setattr(plan, "list_backends", lambda: [b for b in infos if b.name != drop])
+    got = choose_backends(build_parser().parse_args(["--backend", "LOOPBACK", *argv]))
+    if remedy is None:
+        assert got.unlike == ""
+    else:
+        assert got.unlike.startswith(f"nixl-py runs LOOPBACK, NIXL runs {got.nixl}: not like")
+        assert remedy in got.unlike
 
 
 # --------------------------------------------------------------------------- clean errors
@@ -419,6 +518,22 @@ def test_bad_option_value_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -
     """argparse rejects a bad choice with status 2 and names the option."""
     rc, _, err = _run(capsys, "--op", "COPY")
     assert rc == 2 and "--op" in err
+
+
+def test_closed_stdout_is_not_a_traceback() -> None:
+    """A reader that left (``nixl-bench ... | head``) ends the run quietly, status 141."""
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        res = subprocess.run(
+            [sys.executable, "-m", "nixl_core.bench", *TINY, "--start-block-size", "4K",
+             "--max-block-size", "4K", "--op", "WRITE", "--against", "none"],
+            stdout=w, stderr=subprocess.PIPE, text=True, timeout=120, check=False,
+        )  # fmt: skip
+    finally:
+        os.close(w)
+    assert res.returncode == 141, res.stderr
+    assert res.stderr == ""
 
 
 def test_console_command_is_installed() -> None:

@@ -1,4 +1,4 @@
-"""Results: nixlbench's statistics, the table, the JSON file, the plot, the progress bar.
+"""The report: nixlbench's statistics, the header and tables, the JSON file, the plot.
 
 Definitions follow nixlbench (../shared/reference/nixl_api.md §7.1): bytes = block x batch x
 iterations; ``B/W (GB/Sec)`` = bytes / 1e9 / total seconds of the timed loop (decimal GB);
@@ -7,23 +7,48 @@ request; ``Post`` = the post call; ``Tx`` = post's return to completion observed
 samples (nearest rank). ``Ratio`` = ours / NIXL bandwidth (> 1: nixl-py is faster). FILE rows
 with a DRAM initiator add ``dd B/W`` (the same bytes moved by sequential pread/pwrite calls of one
 block each) and ``vs dd`` = ours / dd.
+
+The header names the machine, both implementations (nixl-py's backend and how it was chosen, NIXL's
+version and backend, and a note when the two run different backends) and the workload; the JSON
+``meta`` holds the same facts.
 """
 
 from __future__ import annotations
 
+import argparse
+import datetime as _dt
 import json
 import math
-import sys
-import time
+import os
+import platform
 from collections.abc import Sequence
-from typing import Any, TextIO
+from typing import Any
 
 import attrs
+import numpy as np
 
-from nixl_core.bench.engines import RowTimes
+from nixl_core import __version__
+from nixl_core.bench.engines import RowTimes, nixl_version
+from nixl_core.bench.machine import cpu_model, fs_type, gpu_names, mem_total, plugin_versions
+from nixl_core.bench.plan import Backends, Plan, file_dir, ops_of
+from nixl_core.bench.session import Results
 from nixl_core.bench.workload import fmt_size
 
-__all__ = ["COLUMNS", "Progress", "Row", "Stats", "render_table", "stats_of", "write_json"]
+__all__ = [
+    "COLUMNS",
+    "Row",
+    "Stats",
+    "build_meta",
+    "json_rows",
+    "plot_available",
+    "render",
+    "render_table",
+    "stats_of",
+    "table_rows",
+    "write_json",
+    "write_outputs",
+    "write_plot",
+]
 
 
 @attrs.frozen
@@ -266,47 +291,210 @@ def write_plot(path: str, rows: Sequence[Row], title: str, kv: bool) -> None:
     plt.close(fig)
 
 
-class Progress:
-    """A one-line progress bar on stderr: only on a terminal, and only once a sweep has run for
-    ``delay`` seconds (short runs and captured output stay quiet)."""
+def build_meta(
+    args: argparse.Namespace,
+    argv: Sequence[str],
+    plan: Plan,
+    backends: Backends,
+    devs: tuple[int, int],
+    results: Results,
+    rows: Sequence[Row],
+    started: _dt.datetime,
+) -> dict[str, Any]:
+    """The JSON ``meta``: the tool, the machine, versions, both implementations, the workload."""
+    ver = nixl_version()
+    nixl_meta: dict[str, Any] = {
+        "compared": results.nixl is not None,
+        "status": results.nixl_status,
+        "version": ver,
+        "backend": backends.nixl,
+        "unlike": backends.unlike or None,
+        "progress_thread": args.nixl_progress_thread == "on",
+    }
+    gpus = gpu_names()
+    kv = plan.kv
+    workload: dict[str, Any] = {
+        "initiator_seg": args.initiator_seg,
+        "target_seg": args.target_seg,
+        "layout": plan.layout,
+        "ops": ops_of(args),
+        "request": "prepared (prep once per row, make per request)"
+        if args.prepared
+        else "one-shot create",
+        "recreate_xfer": args.recreate_xfer,
+        "buffer_bytes": plan.init_bytes,
+        "num_iter": args.num_iter,
+        "warmup_iter": args.warmup_iter,
+        "large_blk_iter_ftr": args.large_blk_iter_ftr,
+        "max_row_bytes": args.max_row_bytes,
+        "seed": args.seed,
+        "devices": list(devs),
+        "notes": plan.notes,
+    }
+    if args.target_seg == "FILE":
+        directory = file_dir(args)
+        workload["file"] = {
+            "directory": directory,
+            "fs_type": fs_type(directory),
+            "direct": bool(args.storage_enable_direct),
+        }
+    meta: dict[str, Any] = {
+        "tool": "nixl-bench",
+        "version": __version__,
+        "date": started.isoformat(timespec="seconds"),
+        "command": "nixl-bench " + " ".join(argv),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "cpu": cpu_model(),
+            "memory_bytes": mem_total(),
+            "platform": platform.platform(),
+        },
+        "gpu": gpus or None,
+        "versions": {
+            "python": platform.python_version(),
+            "numpy": np.__version__,
+            "nixl-core": __version__,
+            "nixl": ver,
+            **plugin_versions(),
+        },
+        "ours": {
+            "backend": backends.ours,
+            "chosen": backends.chosen,
+            "reason": backends.reason,
+            "path": rows[0].ours.path if rows and rows[0].ours else "",
+        },
+        "nixl": nixl_meta,
+        "workload": workload,
+        "kv": None
+        if kv is None
+        else {
+            "model": kv.model.name,
+            "isl": kv.isl,
+            "tp": kv.tp,
+            "page_size": kv.page_size,
+            "dtype": kv.dtype,
+            "regions": kv.regions,
+            "blocks": kv.blocks,
+            "cache_blocks": plan.cache_blocks,
+            "desc_bytes": kv.desc_bytes,
+            "descs": kv.descs,
+            "bytes_per_token": kv.bytes_per_token,
+            "request_bytes": kv.request_bytes,
+        },
+        "check": {
+            "enabled": args.check,
+            "failures": results.ours.check_failures,
+            "nixl_failures": results.nixl.check_failures if results.nixl else [],
+        },
+    }
+    return meta
 
-    def __init__(self, total: int, mode: str = "auto", stream: TextIO | None = None) -> None:
-        self.total = max(total, 1)
-        self.done = 0
-        self.stream = stream if stream is not None else sys.stderr
-        tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.enabled = mode == "on" or (mode == "auto" and tty)
-        self.delay = 0.0 if mode == "on" else 2.0
-        self.t0 = time.monotonic()
-        self.shown = False
 
-    def step(self, label: str) -> None:
-        """Called as each row starts."""
-        self._draw(label)
-        self.done += 1
-
-    def _draw(self, label: str) -> None:
-        if not self.enabled:
-            return
-        elapsed = time.monotonic() - self.t0
-        if elapsed < self.delay:
-            return
-        width = 28
-        filled = int(width * self.done / self.total)
-        eta = ""
-        if self.done:
-            eta = f" ETA {elapsed / self.done * (self.total - self.done):4.0f}s"
-        line = (
-            f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
-            f"{elapsed:4.0f}s{eta}  {label}"
+def table_rows(plan: Plan, results: Results) -> list[Row]:
+    """The report's rows: each planned row with each implementation's stats (None where absent)."""
+    ours, theirs, dd = results.ours, results.nixl, results.dd
+    out = []
+    for i, (rp, _) in enumerate(plan.rows):
+        block, batch = rp.local.block, int(rp.local.idx.size)
+        mine: RowTimes | None = ours.times[i] if i < len(ours.times) else None
+        their = theirs.times[i] if theirs is not None and i < len(theirs.times) else None
+        seq = dd.times[i] if dd is not None and i < len(dd.times) else None
+        out.append(
+            Row(
+                op=rp.op,
+                block=block,
+                batch=batch,
+                ours=stats_of(mine, block, batch) if mine else None,
+                nixl=stats_of(their, block, batch) if their else None,
+                dd=stats_of(seq, block, batch) if seq else None,
+            )
         )
-        self.stream.write(line[:120].ljust(120))
-        self.stream.flush()
-        self.shown = True
+    return out
 
-    def finish(self) -> None:
-        """Erase the bar."""
-        if self.shown:
-            self.stream.write("\r" + " " * 121 + "\r")
-            self.stream.flush()
-            self.shown = False
+
+def render(meta: dict[str, Any], rows: Sequence[Row], plan: Plan, args: argparse.Namespace) -> str:
+    """The report: the header (machine, both implementations, workload, notes), one table per op."""
+    m, w, nx, ours = meta["machine"], meta["workload"], meta["nixl"], meta["ours"]
+    how = "--backend" if ours["chosen"] == "--backend" else f"chosen by default: {ours['reason']}"
+    gpu = ", ".join(meta["gpu"]) if meta["gpu"] else "no GPU"
+    lines = [
+        f"nixl-bench {meta['version']} · {meta['date']} · {m['cpus']} CPUs ({m['cpu']}), "
+        f"{fmt_size(m['memory_bytes'])} RAM, {gpu} · Python {meta['versions']['python']}, "
+        f"numpy {meta['versions']['numpy']}",
+        f"nixl-py: nixl-core {meta['version']}, backend {ours['backend']} ({how})"
+        + (", initiator and target in two processes" if args.target_seg != "FILE" else ""),
+    ]
+    if nx["compared"]:
+        pt = "on (nixl_agent_config default)" if nx["progress_thread"] else "off"
+        lines.append(
+            f"NIXL:    {nx['version']}, backend {nx['backend']}, progress thread {pt}"
+            + (", two processes" if args.target_seg != "FILE" else "")
+        )
+        if nx["unlike"]:
+            lines.append(f"note:    {nx['unlike']}")
+    else:
+        lines.append(f"NIXL:    {nx['status']}")
+    req = w["request"] + (", rebuilt every iteration" if w["recreate_xfer"] else ", reposted")
+    if plan.kv is not None:
+        lines.append(f"KV:      {plan.kv.describe()}")
+        lines.append(
+            f"         one request per iteration; cache of {plan.cache_blocks} blocks per region "
+            f"({fmt_size(plan.init_bytes)} per side), {plan.layout} block ids; {req}"
+        )
+    else:
+        lines.append(
+            f"sweep:   {w['initiator_seg']} -> {w['target_seg']}, {plan.layout} layout, {req}; "
+            f"buffer {fmt_size(plan.init_bytes)} per side; up to {args.num_iter} iterations "
+            f"(+{args.warmup_iter} warm-up)"
+            + (
+                f", about {fmt_size(args.max_row_bytes)} per row at most"
+                if args.max_row_bytes
+                else ""
+            )
+        )
+    if "file" in w:
+        f = w["file"]
+        lines.append(
+            f"file:    {f['directory']} ({f['fs_type']}){', O_DIRECT' if f['direct'] else ''}"
+        )
+    for note in plan.notes:
+        lines.append(f"note:    {note}")
+    for op in ops_of(args):
+        mine = [r for r in rows if r.op == op]
+        a, b = w["initiator_seg"], w["target_seg"]
+        lines.append("")
+        lines.append(
+            f"{op}: {a} -> {b}" if op == "WRITE" else f"{op}: {b} -> {a} (initiator reads)"
+        )
+        lines.append(render_table(mine, plan.kv is not None, nx["compared"]))
+    if args.check:
+        lines.append("")
+        fails = meta["check"]["failures"]
+        lines.append(
+            f"data check: {len(rows) - len(fails)} of {len(rows)} rows verified"
+            + (f", {len(fails)} FAILED" if fails else "")
+        )
+    return "\n".join(lines)
+
+
+def write_outputs(
+    args: argparse.Namespace, meta: dict[str, Any], rows: Sequence[Row], plan: Plan
+) -> None:
+    """Write the --json file and the --plot image, where asked for."""
+    if args.json:
+        common = {
+            "backend": meta["ours"]["backend"],
+            "initiator_seg": args.initiator_seg,
+            "target_seg": args.target_seg,
+            "layout": plan.layout,
+        }
+        write_json(args.json, meta, json_rows(rows, common))
+    if args.plot:
+        nx, kv = meta["nixl"], plan.kv
+        title = (
+            f"nixl-py ({meta['ours']['backend']}) vs NIXL {nx['version'] or ''} ({nx['backend']}): "
+            f"{args.initiator_seg} -> {args.target_seg}, {plan.layout}"
+        )
+        if kv is not None:
+            title += f", {kv.model.name} isl {kv.isl}"
+        write_plot(args.plot, rows, title, kv is not None)
