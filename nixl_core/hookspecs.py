@@ -13,9 +13,13 @@ must import nothing native: native libraries (libucp, CUDA, kvikio) are loaded i
         from nixl_ucx.backend import UcxBackend
         registry.add(UcxBackend)
 
-Hooks are called off the data path only: at discovery, when choosing a backend for a prepared
-list or a one-shot transfer, and at agent start and close. Nothing per descriptor or per poll
-goes through pluggy.
+Hooks are called off the data path only: at discovery, at agent start and close, and to choose
+a backend — once per distinct (op, memory types, peer, candidates) per agent; the answer is
+cached, so ``make`` / ``create`` calls after the first reuse it without calling pluggy (and when
+no plugin implements ``nixl_select_backend``, the core picks the first candidate without the
+hook). Nothing per descriptor, per request or per poll goes through pluggy. A plugin whose
+``nixl_register_backends`` raises is skipped (its reason shown by ``python -m nixl_core
+backends``); the other plugins stay usable.
 """
 
 from __future__ import annotations
@@ -64,7 +68,8 @@ def nixl_select_backend(
 
     The first non-None answer wins; the core's own default (registered ``trylast``) picks the
     first candidate in backend-creation order. An answer that is not among ``candidates`` is an
-    error.
+    error. Each agent asks once per distinct (op, local_mem, remote_mem, peer, candidates) and
+    caches the answer, so the choice must depend on those arguments only.
 
     Args:
         agent: the initiating agent.

@@ -135,8 +135,31 @@ def test_select_hook_overrides_default(monkeypatch: pytest.MonkeyPatch, tmp_path
         a.close()
 
 
+def test_select_hook_is_asked_once_per_choice(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """nixl_select_backend stays off the data path: asked once per (op, memory types, peer,
+    candidates), then the agent reuses the answer for every make and create."""
+    counting = SELECT_SRC.replace("@hookimpl", "CALLS = []\n\n@hookimpl").replace(
+        "    return", "    CALLS.append(op)\n    return"
+    )
+    _install(monkeypatch, tmp_path, {"fake": PLUGIN_SRC, "sel": counting})
+    with Agent("a", backends=["LOOPBACK", "FAKE"]) as a:
+        s, d = np.zeros(256, np.uint8), np.zeros(256, np.uint8)
+        a.register(s)
+        a.register(d)
+        ls, ds = DescList.from_objects(s), DescList.from_objects(d)
+        lp, rp = a.prep("", ls), a.prep("a", ds)
+        for _ in range(5):
+            assert a.create("WRITE", ls, ds, "a").backend_name == "FAKE"
+            assert a.make("WRITE", lp, [0], rp, [0]).backend_name == "FAKE"
+        a.create("READ", ls, ds, "a")
+        assert [op.value for op in sys.modules["fake_nixl_sel"].CALLS] == ["WRITE", "READ"]
+
+
 def test_allow_and_block_lists(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """NIXL_DISABLE_PLUGINS blocks a plugin; NIXL_PLUGINS allows only the listed ones."""
+    """NIXL_DISABLE_PLUGINS blocks a plugin; NIXL_PLUGINS allows only the listed ones, the
+    built-in loopback plugin included."""
     _install(monkeypatch, tmp_path, {"fake": PLUGIN_SRC})
     monkeypatch.setenv("NIXL_DISABLE_PLUGINS", "fake")
     names = {i.name for i in list_backends() if i.available}
@@ -146,6 +169,9 @@ def test_allow_and_block_lists(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
     monkeypatch.setenv("NIXL_PLUGINS", "loopback")
     with pytest.raises(BackendNotFoundError):
         Agent("a", backends=["FAKE"])
+    nixl_core.reset_plugin_manager()
+    monkeypatch.setenv("NIXL_PLUGINS", "fake")
+    assert {i.name for i in list_backends() if i.available} == {"FAKE"}
 
 
 def test_missing_dependency_skipped_broken_plugin_raises(
