@@ -16,8 +16,9 @@ time) completed; what a drain could not clear in time is kept and freed at close
 drain, and if even that one does not complete, the context is leaked rather than destroyed
 (destroying a worker under a queued operation aborts the process inside UCX).
 
-This module imports nothing native; the extension loads in :meth:`UcxBackend.probe` or the
-constructor.
+This module imports nothing native, and :meth:`UcxBackend.probe` loads nothing either (it looks
+for the wheel's files and the extension's import spec); libucp and the extension load in the
+constructor, see :mod:`nixl_ucx._native`.
 """
 
 from __future__ import annotations
@@ -164,15 +165,15 @@ class UcxBackend(Backend):
 
     @classmethod
     def probe(cls) -> Availability:
+        """Whether the libucx wheel and the built extension are present; loads nothing and
+        changes nothing in the process (UCX loads in the constructor)."""
         from nixl_ucx import _native
 
         try:
-            _native.load()
-        except _native.NativeUnavailableError as exc:
-            return Availability(False, str(exc))
+            why = _native.check()
         except Exception as exc:  # probe must never raise: report anything unexpected
-            return Availability(False, f"loading UCX failed: {type(exc).__name__}: {exc}")
-        return Availability(True)
+            return Availability(False, f"checking for UCX failed: {type(exc).__name__}: {exc}")
+        return Availability(False, why) if why else Availability(True)
 
     def __init__(self, agent_name: str, params: Mapping[str, Any]) -> None:
         super().__init__(agent_name, params)
