@@ -309,7 +309,7 @@ class UcxBackend(Backend):
         if self._lib.nx_ctx_drain(self._ctx, _TEARDOWN_MS) == 0:
             return True
         logger.warning(
-            "UCX operations still running after %d s before %s; it waits until close",
+            "UCX operations still running after %d s: %s is deferred to close",
             _TEARDOWN_MS // 1000,
             what,
         )
