@@ -28,6 +28,7 @@ const char *nx_status_string(int status);
 nx_ctx *nx_ctx_new(const char *name, const char *const *keys, const char *const *vals, int nkv,
                    int nworkers, int err_mode, int threads, char *err, size_t errcap);
 void nx_ctx_stop_threads(nx_ctx *c);
+int nx_ctx_drain(nx_ctx *c, int timeout_ms);
 void nx_ctx_free(nx_ctx *c);
 uint64_t nx_ctx_mem_types(nx_ctx *c);
 int nx_ctx_threads(nx_ctx *c);

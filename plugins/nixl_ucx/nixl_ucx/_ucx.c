@@ -16,6 +16,21 @@
  *   nx_mem    a mapped local region and its packed remote key.
  *   nx_rkey   a remote region's key unpacked once per endpoint of a peer.
  *   nx_xfer   a prepared request: descriptor arrays, key tables, per-post state.
+ *
+ * Ownership at teardown. UCX keeps operations after they were posted: cma, for one, queues
+ * every put/get and copies it during later progress, and a FORCE-closed endpoint hands its
+ * transport endpoints to the worker, which finishes (or cancels) their queued operations in the
+ * background. Destroying a worker while such an operation is queued aborts the process inside
+ * UCX (ucs_arbiter_group_cleanup: "Assertion `ucs_arbiter_group_is_empty(group)' failed"), and
+ * freeing a remote key or unmapping memory under one is a use after free. Therefore:
+ *   - a request ends (leaves IN PROGRESS) only after a flush of every endpoint it posted on
+ *     completed, also when posting stopped early (peer closing or failed, post error);
+ *   - peer->posting counts the chunks of the peer that are queued or being posted, and the
+ *     notification sends of its finished requests; nx_peer_quiesce waits for it to drop to 0;
+ *   - nx_ctx_drain waits (bounded) for a worker flush of every worker, which completes only once
+ *     every operation issued before it, including those of discarded transport endpoints, is
+ *     done; the backend drains before it frees keys, unmaps memory or destroys the context, and
+ *     leaks them instead when a drain does not complete in time.
  */
 #include <errno.h>
 #include <pthread.h>
@@ -199,10 +214,14 @@ static void signal_done(nx_ctx *c)
     pthread_mutex_unlock(&c->dlock);
 }
 
+/* Publish the request's final status. The request may be freed by another thread as soon as
+ * the status is stored: read everything needed before. */
 static void xfer_finish(nx_xfer *x, int status)
 {
+    nx_ctx *c = x->c;
+    int threads = c->threads;
     atomic_store(&x->status, status);
-    if (x->c->threads) signal_done(x->c);
+    if (threads) signal_done(c);
 }
 
 static void am_done_cb(void *request, ucs_status_t status, void *user_data)
@@ -230,8 +249,18 @@ static void xfer_flushed(nx_xfer *x, int worker)
         xfer_finish(x, NX_DONE);
         return;
     }
-    if (atomic_load(&x->peer->failed)) {
-        xfer_finish(x, peer_status(x->peer));
+    nx_peer *peer = x->peer;
+    /* The peer counts this send as posting, so that a close does not free the endpoint under
+     * it; a closing peer gets no notification. */
+    atomic_fetch_add(&peer->posting, 1);
+    if (atomic_load(&peer->closing)) {
+        atomic_fetch_sub(&peer->posting, 1);
+        xfer_finish(x, (int)UCS_ERR_CANCELED);
+        return;
+    }
+    if (atomic_load(&peer->failed)) {
+        atomic_fetch_sub(&peer->posting, 1);
+        xfer_finish(x, peer_status(peer));
         return;
     }
     ucp_request_param_t p;
@@ -240,22 +269,26 @@ static void xfer_flushed(nx_xfer *x, int worker)
     p.flags = UCP_AM_SEND_FLAG_EAGER | UCP_AM_SEND_FLAG_COPY_HEADER;
     p.cb.send = am_done_cb;
     p.user_data = x;
-    ucs_status_ptr_t sp = ucp_am_send_nbx(x->peer->eps[worker], NX_AM_ID, x->c->name,
+    ucs_status_ptr_t sp = ucp_am_send_nbx(peer->eps[worker], NX_AM_ID, x->c->name,
                                           x->c->name_len, x->notif, x->notif_len, &p);
     if (sp == NULL) {
         xfer_finish(x, NX_DONE);
     } else if (UCS_PTR_IS_ERR(sp)) {
         xfer_finish(x, (int)UCS_PTR_STATUS(sp));
     }
+    atomic_fetch_sub(&peer->posting, 1);
+}
+
+static void record_err(nx_xfer *x, ucs_status_t status)
+{
+    int expect = 0;
+    if (status != UCS_OK) atomic_compare_exchange_strong(&x->first_err, &expect, (int)status);
 }
 
 static void chunk_done(nx_chunk *ch, ucs_status_t status)
 {
     nx_xfer *x = ch->x;
-    if (status != UCS_OK) {
-        int expect = 0;
-        atomic_compare_exchange_strong(&x->first_err, &expect, (int)status);
-    }
+    record_err(x, status);
     if (atomic_fetch_sub(&x->remaining, 1) == 1) {
         xfer_flushed(x, ch->worker);
     }
@@ -268,7 +301,10 @@ static void flush_cb(void *request, ucs_status_t status, void *user_data)
 }
 
 /* Post every operation of one chunk on one endpoint, then its flush. Runs in the caller's
- * thread (inline posts) or in a worker's progress thread (split batches). */
+ * thread (inline posts) or in a worker's progress thread (split batches). The caller counted
+ * the chunk in peer->posting; it leaves that count here, after its last use of the endpoint.
+ * Once anything was posted the chunk ends only through the flush, also when posting stopped
+ * early: UCX may still own the operations posted so far. */
 static void post_chunk(nx_chunk *ch)
 {
     nx_xfer *x = ch->x;
@@ -278,8 +314,8 @@ static void post_chunk(nx_chunk *ch)
     ucp_ep_h ep = peer->eps[k];
     ucs_status_t st = UCS_OK;
     size_t pending = 0;
+    size_t i = ch->begin;
 
-    atomic_fetch_add(&peer->posting, 1);
     if (atomic_load(&peer->closing)) {
         st = UCS_ERR_CANCELED;
         goto out;
@@ -299,7 +335,7 @@ static void post_chunk(nx_chunk *ch)
         p.memh = x->lms[0]->memh;
     }
     const int get = x->op == 1;
-    for (size_t i = ch->begin; i < ch->end; i++) {
+    for (; i < ch->end; i++) {
         size_t len = lens ? (size_t)lens[i] : (size_t)x->ulen;
         ucp_rkey_h rk = ridx ? rks[ridx[i]]->rk[k] : rk0;
         if (lidx) p.memh = x->lms[lidx[i]]->memh;
@@ -312,7 +348,7 @@ static void post_chunk(nx_chunk *ch)
         if (sp != NULL) {
             if (UCS_PTR_IS_ERR(sp)) {
                 st = UCS_PTR_STATUS(sp);
-                goto out;
+                break;
             }
             ucp_request_free(sp);
             pending++;
@@ -325,29 +361,31 @@ static void post_chunk(nx_chunk *ch)
             }
             if (atomic_load(&peer->failed)) {
                 st = (ucs_status_t)peer_status(peer);
-                goto out;
+                break;
             }
             if (atomic_load(&peer->closing)) {
                 st = UCS_ERR_CANCELED;
-                goto out;
+                break;
             }
         }
     }
+    if (i == ch->begin && st != UCS_OK) goto out; /* nothing of this chunk reached UCX */
+    record_err(x, st);
     ucp_request_param_t fp;
     fp.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
     fp.cb.send = flush_cb;
     fp.user_data = ch;
     ucs_status_ptr_t fsp = ucp_ep_flush_nbx(ep, &fp);
-    atomic_fetch_sub(&peer->posting, 1);
     if (fsp == NULL) {
         chunk_done(ch, UCS_OK);
     } else if (UCS_PTR_IS_ERR(fsp)) {
         chunk_done(ch, UCS_PTR_STATUS(fsp));
     }
+    atomic_fetch_sub(&peer->posting, 1);
     return;
 out:
-    atomic_fetch_sub(&peer->posting, 1);
     chunk_done(ch, st);
+    atomic_fetch_sub(&peer->posting, 1);
 }
 
 /* ------------------------------------------------------------------ progress threads */
@@ -515,7 +553,11 @@ void nx_ctx_stop_threads(nx_ctx *c)
         wk->has_thread = 0;
         /* Chunks never posted end their requests as canceled. */
         nx_chunk *ch;
-        while ((ch = pop_job(wk)) != NULL) chunk_done(ch, UCS_ERR_CANCELED);
+        while ((ch = pop_job(wk)) != NULL) {
+            nx_peer *peer = ch->x->peer;
+            chunk_done(ch, UCS_ERR_CANCELED);
+            atomic_fetch_sub(&peer->posting, 1);
+        }
     }
     c->threads = 0;
 }
@@ -527,20 +569,57 @@ static long elapsed_us(const struct timespec *t0)
     return (now.tv_sec - t0->tv_sec) * 1000000 + (now.tv_nsec - t0->tv_nsec) / 1000;
 }
 
+/* Wait until every operation issued on any worker before this call is done: a worker flush
+ * completes only once the endpoints' operations and those of discarded transport endpoints
+ * (closed or failed endpoints) finished or were canceled. Progresses the workers itself, so it
+ * works with or without progress threads. Returns 0, or -1 when that did not happen within
+ * timeout_ms (UCX may then still use keys, memory and workers). */
+int nx_ctx_drain(nx_ctx *c, int timeout_ms)
+{
+    ucs_status_ptr_t *reqs = calloc((size_t)c->nworkers, sizeof(ucs_status_ptr_t));
+    if (reqs == NULL) return -1;
+    ucp_request_param_t fp;
+    fp.op_attr_mask = 0;
+    for (int k = 0; k < c->nworkers; k++) {
+        reqs[k] = ucp_worker_flush_nbx(c->workers[k].w, &fp);
+        if (!UCS_PTR_IS_PTR(reqs[k])) reqs[k] = NULL;
+    }
+    struct timespec t0;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    int left;
+    for (;;) {
+        left = 0;
+        for (int k = 0; k < c->nworkers; k++) {
+            if (reqs[k] == NULL) continue;
+            ucp_worker_progress(c->workers[k].w);
+            if (ucp_request_check_status(reqs[k]) != UCS_INPROGRESS) {
+                ucp_request_free(reqs[k]);
+                reqs[k] = NULL;
+            } else {
+                left++;
+            }
+        }
+        if (!left || elapsed_us(&t0) > (long)timeout_ms * 1000) break;
+        if (c->threads) {
+            /* The progress threads do most of the work: do not fight them for the workers. */
+            struct timespec ts = {0, 20000};
+            nanosleep(&ts, NULL);
+        }
+    }
+    /* A flush still running is released: UCX frees it when it completes. */
+    for (int k = 0; k < c->nworkers; k++) {
+        if (reqs[k] != NULL) ucp_request_free(reqs[k]);
+    }
+    free(reqs);
+    return left ? -1 : 0;
+}
+
+/* Destroy the context. The caller stopped the threads and drained it (nx_ctx_drain returned 0):
+ * a worker destroyed while UCX still holds an operation aborts the process. */
 void nx_ctx_free(nx_ctx *c)
 {
     if (c == NULL) return;
     nx_ctx_stop_threads(c);
-    /* Closed endpoints release their transport endpoints asynchronously (discarded lanes,
-     * purged pending operations): let that finish before the workers go, bounded in time. */
-    struct timespec t0;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
-    int idle = 0;
-    while (idle < 100 && elapsed_us(&t0) < 200000) {
-        unsigned got = 0;
-        for (int k = 0; k < c->nworkers; k++) got += ucp_worker_progress(c->workers[k].w);
-        idle = got ? 0 : idle + 1;
-    }
     for (int k = 0; k < c->nworkers; k++) {
         nx_worker *wk = &c->workers[k];
         if (wk->epfd >= 0) close(wk->epfd);
@@ -645,6 +724,8 @@ static void ep_err_cb(void *arg, ucp_ep_h ep, ucs_status_t status)
     signal_done(p->c);
 }
 
+static void ep_close_param(nx_ctx *c, ucp_request_param_t *cp);
+
 /* One endpoint per local worker k, to remote address addrs[k % naddrs]. */
 nx_peer *nx_peer_new(nx_ctx *c, const void *const *addrs, int naddrs, int *status)
 {
@@ -667,11 +748,9 @@ nx_peer *nx_peer_new(nx_ctx *c, const void *const *addrs, int naddrs, int *statu
         if (st != UCS_OK) {
             *status = (int)st;
             for (int j = 0; j < k; j++) {
-                ucs_status_ptr_t r;
                 ucp_request_param_t cp;
-                cp.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
-                cp.flags = UCP_EP_CLOSE_FLAG_FORCE;
-                r = ucp_ep_close_nbx(p->eps[j], &cp);
+                ep_close_param(c, &cp);
+                ucs_status_ptr_t r = ucp_ep_close_nbx(p->eps[j], &cp);
                 if (UCS_PTR_IS_PTR(r)) ucp_request_free(r);
             }
             free(p->eps);
@@ -685,7 +764,8 @@ nx_peer *nx_peer_new(nx_ctx *c, const void *const *addrs, int naddrs, int *statu
 
 int nx_peer_failed(nx_peer *p) { return atomic_load(&p->failed) ? peer_status(p) : 0; }
 
-/* Stop new posts on the peer and wait (bounded) for chunks being posted to leave. */
+/* Stop new posts on the peer and wait (bounded) for its chunks queued or being posted, and its
+ * notification sends, to leave. Returns 0, or -1 when they did not in time. */
 int nx_peer_quiesce(nx_peer *p, int timeout_ms)
 {
     atomic_store(&p->closing, 1);
@@ -701,21 +781,31 @@ int nx_peer_quiesce(nx_peer *p, int timeout_ms)
     return 0;
 }
 
-/* Close every endpoint (FORCE: never waits for an unresponsive peer), bounded in time.
- * Returns 0, or -1 when a close did not finish in time (the peer is then leaked, not freed,
- * because UCX may still call its error handler). */
+/* UCX accepts a FORCE close only on endpoints with peer error handling; the others are closed
+ * in flush mode. */
+static void ep_close_param(nx_ctx *c, ucp_request_param_t *cp)
+{
+    cp->op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+    cp->flags = c->err_mode ? UCP_EP_CLOSE_FLAG_FORCE : 0;
+}
+
+/* Close every endpoint (FORCE with peer error handling: never waits for an unresponsive peer),
+ * then drain the workers so that nothing UCX still does for these endpoints outlives them,
+ * bounded in time. The caller quiesced the peer first. Returns 0 (the peer is freed), or -1
+ * when the closes or the drain did not finish in time: the peer is then leaked, not freed, and
+ * UCX may still use the keys unpacked for it. */
 int nx_peer_close(nx_peer *p, int timeout_ms)
 {
     nx_ctx *c = p->c;
     ucs_status_ptr_t *reqs = calloc((size_t)p->n, sizeof(ucs_status_ptr_t));
+    if (reqs == NULL) return -1;
+    ucp_request_param_t cp;
+    ep_close_param(c, &cp);
     for (int k = 0; k < p->n; k++) {
-        ucp_request_param_t cp;
-        cp.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
-        cp.flags = UCP_EP_CLOSE_FLAG_FORCE;
         reqs[k] = ucp_ep_close_nbx(p->eps[k], &cp);
         if (!UCS_PTR_IS_PTR(reqs[k])) reqs[k] = NULL;
     }
-    struct timespec t0, now;
+    struct timespec t0;
     clock_gettime(CLOCK_MONOTONIC, &t0);
     int left;
     for (;;) {
@@ -730,13 +820,15 @@ int nx_peer_close(nx_peer *p, int timeout_ms)
                 left++;
             }
         }
-        if (!left) break;
-        clock_gettime(CLOCK_MONOTONIC, &now);
-        long ms = (now.tv_sec - t0.tv_sec) * 1000 + (now.tv_nsec - t0.tv_nsec) / 1000000;
-        if (ms > timeout_ms) break;
+        if (!left || elapsed_us(&t0) > (long)timeout_ms * 1000) break;
+    }
+    for (int k = 0; k < p->n; k++) {
+        if (reqs[k] != NULL) ucp_request_free(reqs[k]);
     }
     free(reqs);
     if (left) return -1;
+    long spent_ms = elapsed_us(&t0) / 1000;
+    if (nx_ctx_drain(c, timeout_ms > spent_ms ? timeout_ms - (int)spent_ms : 0) != 0) return -1;
     free(p->eps);
     free(p);
     return 0;
@@ -898,6 +990,7 @@ int nx_xfer_post(nx_xfer *x, const char *notif, size_t notif_len, int has_notif)
             ch->begin = (size_t)j * per;
             ch->end = ch->begin + per < x->n ? ch->begin + per : x->n;
         }
+        atomic_fetch_add(&x->peer->posting, nch);
         for (int j = 0; j < nch; j++) push_job(&c->workers[x->chunks[j].worker], &x->chunks[j]);
         return NX_INPROG;
     }
@@ -908,6 +1001,7 @@ int nx_xfer_post(nx_xfer *x, const char *notif, size_t notif_len, int has_notif)
     ch->worker = x->wsel;
     ch->begin = 0;
     ch->end = x->n;
+    atomic_fetch_add(&x->peer->posting, 1);
     post_chunk(ch);
     int st = atomic_load(&x->status);
     if (st == NX_INPROG && !c->threads) {

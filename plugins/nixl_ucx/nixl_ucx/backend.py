@@ -8,8 +8,17 @@ region's handle. A request is built once (``prepare``: the descriptor arrays and
 C); each ``post`` is ONE call into C that posts every put/get and a flush per endpoint, then the
 notification as an active message once every flush completed.
 
-This module imports nothing native; the extension loads in :meth:`UcxBackend.probe` or the
-constructor.
+Teardown never frees what UCX may still use. UCX keeps posted operations after the call that
+posted them (cma queues its copies; a closed endpoint's transport endpoints finish theirs in the
+background), including those of a request released while in flight. So remote keys are freed,
+memory unmapped and the context destroyed only after a drain (a flush of every worker, bounded in
+time) completed; what a drain could not clear in time is kept and freed at close after the last
+drain, and if even that one does not complete, the context is leaked rather than destroyed
+(destroying a worker under a queued operation aborts the process inside UCX).
+
+This module imports nothing native, and :meth:`UcxBackend.probe` loads nothing either (it looks
+for the wheel's files and the extension's import spec); libucp and the extension load in the
+constructor, see :mod:`nixl_ucx._native`.
 """
 
 from __future__ import annotations
@@ -61,8 +70,9 @@ _UCS_ERR_CANCELED = -16
 #: UCS statuses that mean the peer is gone or unreachable (I/O error is what cma reports for a
 #: dead process; -40..-89 are link and endpoint failures).
 _DISCONNECT = {-3, -6, -20, -23, -24, -25}
-#: Bound on closing a peer's endpoints (FORCE close: never waits on an unresponsive peer).
-_CLOSE_TIMEOUT_MS = 2000
+#: Bound on each teardown wait: a peer's posting threads leaving it, closing its endpoints
+#: (FORCE close: never waits on an unresponsive peer), draining the workers.
+_TEARDOWN_MS = 5000
 
 
 def _is_disconnect(status: int) -> bool:
@@ -105,19 +115,22 @@ class _Remote:
 
 
 class _Request(BackendRequest):
-    __slots__ = ("backend", "keep", "nbytes", "op", "peer", "released", "x")
+    """A prepared request; ``x`` is None once its native state was handed back (freed or
+    parked as an orphan)."""
+
+    __slots__ = ("backend", "keep", "peer", "x")
 
     def __init__(self, backend: UcxBackend, x: Any, keep: tuple[Any, ...], peer: _Peer) -> None:
         self.backend = backend
         self.x = x
         self.keep = keep
         self.peer = peer
-        self.released = False
         self.path = peer.path or "ucx"
         self.error = None
 
     def __del__(self) -> None:
-        if not self.released:
+        # May run from the garbage collector in any thread, also during close.
+        if self.x is not None:
             self.backend._drop(self)
 
 
@@ -150,15 +163,15 @@ class UcxBackend(Backend):
 
     @classmethod
     def probe(cls) -> Availability:
+        """Whether the libucx wheel and the built extension are present; loads nothing and
+        changes nothing in the process (UCX loads in the constructor)."""
         from nixl_ucx import _native
 
         try:
-            _native.load()
-        except _native.NativeUnavailableError as exc:
-            return Availability(False, str(exc))
+            why = _native.check()
         except Exception as exc:  # probe must never raise: report anything unexpected
-            return Availability(False, f"loading UCX failed: {type(exc).__name__}: {exc}")
-        return Availability(True)
+            return Availability(False, f"checking for UCX failed: {type(exc).__name__}: {exc}")
+        return Availability(False, why) if why else Availability(True)
 
     def __init__(self, agent_name: str, params: Mapping[str, Any] | None = None) -> None:
         super().__init__(agent_name, params)
@@ -199,9 +212,15 @@ class UcxBackend(Backend):
         self._locals: set[_Local] = set()
         self._remotes: dict[int, _Remote] = {}
         self._self_notifs: collections.deque[tuple[str, bytes]] = collections.deque()
-        self._orphans: list[tuple[Any, tuple[Any, ...]]] = []
+        #: Native requests released in flight, until UCX finished them (keyed by pointer).
+        self._orphans: dict[Any, tuple[Any, ...]] = {}
+        #: Remote keys and mapped regions whose free waits for a drain that completes.
+        self._deferred_rkeys: list[Any] = []
+        self._deferred_mems: list[Any] = []
         self._requests: weakref.WeakSet[_Request] = weakref.WeakSet()
-        self._lock = threading.Lock()
+        # Reentrant: a request's __del__ may run from the garbage collector inside a locked
+        # section of this very thread.
+        self._lock = threading.RLock()
         self._rr = 0
         self._closed = False
 
@@ -274,10 +293,38 @@ class UcxBackend(Backend):
         return out
 
     def deregister(self, handles: Sequence[Any]) -> None:
-        for h in handles:
-            if h in self._locals:
-                self._locals.discard(h)
-                self._lib.nx_mem_unmap(self._ctx, h.mem)
+        mine = [h for h in handles if h in self._locals]
+        if not mine:
+            return
+        self._locals.difference_update(mine)
+        mems = [h.mem for h in mine]
+        # A request released in flight may still have UCX operations on these regions.
+        if self._drain("unmapping memory"):
+            for m in mems:
+                self._lib.nx_mem_unmap(self._ctx, m)
+        else:
+            with self._lock:
+                self._deferred_mems.extend(mems)
+
+    def _drain(self, what: str) -> bool:
+        """Wait (bounded) until UCX holds no operation issued so far; False (logged) if not."""
+        if self._lib.nx_ctx_drain(self._ctx, _TEARDOWN_MS) == 0:
+            return True
+        logger.warning(
+            "UCX operations still running after %d s: %s is deferred to close",
+            _TEARDOWN_MS // 1000,
+            what,
+        )
+        return False
+
+    def _free_rkeys(self, rkeys: list[Any], drained: bool) -> None:
+        """Free native remote keys now when UCX was drained, else at close."""
+        if drained:
+            for rk in rkeys:
+                self._lib.nx_rkey_free(rk)
+        elif rkeys:
+            with self._lock:
+                self._deferred_rkeys.extend(rkeys)
 
     def public_data(self, handle: Any) -> bytes:
         h: _Local = handle
@@ -292,7 +339,8 @@ class UcxBackend(Backend):
         return self._unpack(self._self(), handle.rkey, 0)
 
     def unload_local(self, handle: Any) -> None:
-        self._free_remote(handle)
+        if self._remotes.pop(id(handle), None) is not None:
+            self._free_rkeys([handle.rkey], self._drain("freeing a remote key"))
 
     def _unpack(self, peer: _Peer, rkey: bytes, index: int) -> _Remote:
         status = self._ffi.new("int *")
@@ -305,10 +353,6 @@ class UcxBackend(Backend):
         remote = _Remote(peer, rk)
         self._remotes[id(remote)] = remote
         return remote
-
-    def _free_remote(self, remote: _Remote) -> None:
-        if self._remotes.pop(id(remote), None) is not None:
-            self._lib.nx_rkey_free(remote.rkey)
 
     # ------------------------------------------------------------------ remote agents
     def connection_info(self) -> bytes:
@@ -391,12 +435,14 @@ class UcxBackend(Backend):
         return out
 
     def unload_remote(self, peer: str, handles: Sequence[Any]) -> None:
+        rkeys = [h.rkey for h in handles if self._remotes.pop(id(h), None) is not None]
+        if not rkeys:
+            return
         p = self._peers.get(peer)
-        if p is not None and handles:
-            # Chunks being posted by progress threads may still read these keys: stop them.
-            self._lib.nx_peer_quiesce(p.ptr, _CLOSE_TIMEOUT_MS)
-        for h in handles:
-            self._free_remote(h)
+        # Chunks being posted by progress threads read these keys: stop them; operations
+        # already posted use them until a drain.
+        quiet = p is None or self._lib.nx_peer_quiesce(p.ptr, _TEARDOWN_MS) == 0
+        self._free_rkeys(rkeys, quiet and self._drain("freeing remote keys"))
 
     def disconnect(self, peer: str) -> None:
         p = self._peers.pop(peer, None)
@@ -404,17 +450,29 @@ class UcxBackend(Backend):
             self._close_peer(p)
 
     def _close_peer(self, p: _Peer) -> None:
+        """Stop posts to the peer, close its endpoints, drain, then free its keys."""
         if p.closed:
             return
         p.closed = True
         lib = self._lib
-        lib.nx_peer_quiesce(p.ptr, _CLOSE_TIMEOUT_MS)
+        rkeys = []
         for key, r in list(self._remotes.items()):
             if r.peer is p:
                 del self._remotes[key]
-                lib.nx_rkey_free(r.rkey)
-        if lib.nx_peer_close(p.ptr, _CLOSE_TIMEOUT_MS) != 0:
-            logger.warning("UCX endpoints to %s did not close within 2 s; leaked", p.name)
+                rkeys.append(r.rkey)
+        # nx_peer_close frees the peer only once its endpoints closed and the workers drained.
+        closed = (
+            lib.nx_peer_quiesce(p.ptr, _TEARDOWN_MS) == 0
+            and lib.nx_peer_close(p.ptr, _TEARDOWN_MS) == 0
+        )
+        if not closed:
+            logger.warning(
+                "UCX endpoints to %s did not close and drain within %d s; the endpoints are "
+                "leaked and their keys freed at close",
+                p.name,
+                _TEARDOWN_MS // 1000,
+            )
+        self._free_rkeys(rkeys, closed)
 
     def _peer(self, name: str) -> _Peer:
         if name == self.agent_name:
@@ -552,35 +610,37 @@ class UcxBackend(Backend):
 
     def release(self, req: BackendRequest) -> None:
         assert isinstance(req, _Request)
-        if not req.released:
-            req.released = True
-            self._drop(req)
+        self._drop(req)
 
     def _drop(self, req: _Request) -> None:
-        """Free a request's native state, or park it until UCX finished with it."""
-        if self._closed:
-            return
-        lib = self._lib
-        if lib.nx_xfer_status(req.x) == _INPROG:
-            # UCX cannot abort posted RMA: the request finishes in the background and sends
-            # no notification; its arrays stay alive until then.
-            lib.nx_xfer_orphan(req.x)
-            self._orphans.append((req.x, req.keep))
-        else:
-            lib.nx_xfer_free(req.x)
-        req.keep = ()
+        """Free a request's native state, or park it until UCX finished with it (once, from
+        release, close or the garbage collector, in any thread)."""
+        with self._lock:
+            x, keep = req.x, req.keep
+            if x is None:
+                return
+            req.x, req.keep = None, ()
+            if self._closed:
+                return  # freed with the context, or leaked with it
+            lib = self._lib
+            if lib.nx_xfer_status(x) == _INPROG:
+                # UCX cannot abort posted RMA: the request finishes in the background and sends
+                # no notification; its arrays stay alive until then.
+                lib.nx_xfer_orphan(x)
+                self._orphans[x] = keep
+            else:
+                lib.nx_xfer_free(x)
 
     def _reap(self) -> None:
         if not self._orphans:
             return
         lib = self._lib
-        left = []
-        for x, keep in self._orphans:
-            if lib.nx_xfer_status(x) == _INPROG:
-                left.append((x, keep))
-            else:
+        with self._lock:
+            # A snapshot: the garbage collector may park another orphan meanwhile.
+            done = [x for x in list(self._orphans) if lib.nx_xfer_status(x) != _INPROG]
+            for x in done:
+                del self._orphans[x]
                 lib.nx_xfer_free(x)
-        self._orphans = left
 
     # ------------------------------------------------------------------ notifications
     def get_notifs(self) -> list[tuple[str, bytes]]:
@@ -627,34 +687,45 @@ class UcxBackend(Backend):
 
     # ------------------------------------------------------------------ teardown
     def close(self) -> None:
-        if self._closed:
-            return
-        lib = self._lib
-        for req in list(self._requests):
-            if not req.released:
-                req.released = True
+        with self._lock:
+            if self._closed:
+                return
+            lib = self._lib
+            for req in list(self._requests):
                 self._drop(req)
-        for p in list(self._peers.values()):
-            self._close_peer(p)
-        self._peers.clear()
-        if self._self_peer is not None:
-            self._close_peer(self._self_peer)
-        self._reap()
-        for r in list(self._remotes.values()):
-            lib.nx_rkey_free(r.rkey)
-        self._remotes.clear()
-        self.deregister(list(self._locals))
-        lib.nx_ctx_stop_threads(self._ctx)
-        self._reap()
-        if self._orphans:
-            logger.warning(
-                "UCX: %d requests never completed; their memory is leaked", len(self._orphans)
-            )
-        self._closed = True
-        lib.nx_ctx_free(self._ctx)
-        # Only now, with the workers destroyed, can nothing in UCX still read the descriptor
-        # arrays of a request released in flight.
-        self._orphans.clear()
+            for p in list(self._peers.values()):
+                self._close_peer(p)
+            self._peers.clear()
+            if self._self_peer is not None:
+                self._close_peer(self._self_peer)
+            lib.nx_ctx_stop_threads(self._ctx)
+            drained = lib.nx_ctx_drain(self._ctx, _TEARDOWN_MS) == 0
+            self._closed = True
+            if not drained:
+                # Destroying the workers now would abort inside UCX, and freeing keys or
+                # memory would hand them to operations still queued: leak all of it instead.
+                logger.warning(
+                    "UCX operations still running %d s after close; the UCX context, %d "
+                    "requests and %d registrations are leaked",
+                    _TEARDOWN_MS // 1000,
+                    len(self._orphans),
+                    len(self._locals) + len(self._deferred_mems),
+                )
+                return
+            for rk in [r.rkey for r in self._remotes.values()] + self._deferred_rkeys:
+                lib.nx_rkey_free(rk)
+            for m in [h.mem for h in self._locals] + self._deferred_mems:
+                lib.nx_mem_unmap(self._ctx, m)
+            self._remotes.clear()
+            self._locals.clear()
+            self._deferred_rkeys.clear()
+            self._deferred_mems.clear()
+            lib.nx_ctx_free(self._ctx)
+            # Only now, with the workers destroyed, can nothing in UCX still read the
+            # descriptor arrays of a request released in flight.
+            for x in self._orphans:
+                lib.nx_xfer_free(x)
+            self._orphans.clear()
 
     def __del__(self) -> None:
         if not getattr(self, "_closed", True) and hasattr(self, "_ctx"):

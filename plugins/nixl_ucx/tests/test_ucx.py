@@ -3,12 +3,15 @@ the polled mode, and the errors of bad connection info or mismatched error modes
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
+from nixl_ucx import _native
 from nixl_ucx.params import PARAMS, UcxConfig
 
 from nixl_core._plugins import list_backends
@@ -78,12 +81,17 @@ def test_cpu_host_prints_no_warnings() -> None:
     assert out.stderr == ""
 
 
-def test_probe_reports_missing_libucx_with_fix() -> None:
-    """Without the libucx wheel, probe() says so and names the pip command (a fresh process)."""
+@pytest.mark.parametrize(
+    ("missing", "fix"),
+    [("libucx", "pip install libucx-cu13"), ("nixl_ucx._ucx_ext", "pip install --force-reinstall")],
+)
+def test_probe_reports_what_is_missing_with_fix(missing: str, fix: str) -> None:
+    """Without the libucx wheel or the built extension, probe() says so and names the pip
+    command (a fresh process, where neither can be found)."""
     code = (
         "import importlib.util, sys\n"
         "real = importlib.util.find_spec\n"
-        "importlib.util.find_spec = lambda n, *a: None if n == 'libucx' else real(n, *a)\n"
+        f"importlib.util.find_spec = lambda n, *a: None if n == {missing!r} else real(n, *a)\n"
         "from nixl_ucx.backend import UcxBackend\n"
         "a = UcxBackend.probe()\n"
         "assert not a.available\n"
@@ -92,7 +100,81 @@ def test_probe_reports_missing_libucx_with_fix() -> None:
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
-    assert "pip install libucx-cu13" in out.stdout
+    assert fix in out.stdout
+
+
+def _without_ucx_defaults() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in ("UCX_LOG_FILE", "UCX_MEM_EVENTS")}
+
+
+def test_probe_is_pure() -> None:
+    """probe() reports UCX available yet changes nothing: the environment is as it was and
+    neither the extension, nor libucx, nor libucs/libucp were loaded (a fresh process)."""
+    code = (
+        "import os, sys\n"
+        "before = dict(os.environ)\n"
+        "from nixl_ucx.backend import UcxBackend\n"
+        "a = UcxBackend.probe()\n"
+        "assert a.available, a.reason\n"
+        "assert dict(os.environ) == before, 'probe changed the environment'\n"
+        "assert 'nixl_ucx._ucx_ext' not in sys.modules, 'extension imported'\n"
+        "assert 'libucx' not in sys.modules, 'libucx imported'\n"
+        "maps = open('/proc/self/maps').read()\n"
+        "assert 'libucs' not in maps and 'libucp' not in maps, 'UCX libraries mapped'\n"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code], check=True, timeout=60, env=_without_ucx_defaults()
+    )
+
+
+_CREATE_AGENT = (
+    "import logging, os, sys\n"
+    "logging.basicConfig(level=logging.INFO, stream=sys.stdout, format='%(name)s: %(message)s')\n"
+    "before = dict(os.environ)\n"
+    "from nixl_core.agent import Agent, AgentConfig\n"
+    "Agent('nixl-ucx-env', AgentConfig(backends=('UCX',))).close()\n"
+    "assert dict(os.environ) == before, 'the environment was left changed'\n"
+)
+
+
+def test_ucx_defaults_logged_and_not_left_in_environment() -> None:
+    """Creating a backend applies UCX_LOG_FILE=stderr (and, without an NVIDIA driver,
+    UCX_MEM_EVENTS=no) for the load only: each is logged at INFO with how to override it, UCX
+    then logs to stderr, and the process environment is unchanged afterwards."""
+    env = {**_without_ucx_defaults(), "UCX_LOG_LEVEL": "info"}
+    out = subprocess.run(
+        [sys.executable, "-c", _CREATE_AGENT],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        env=env,
+    )
+    logged = [ln for ln in out.stdout.splitlines() if ln.startswith("nixl_ucx._native")]
+    assert any("UCX_LOG_FILE=stderr" in ln and "set UCX_LOG_FILE" in ln for ln in logged), logged
+    if not _native.cuda_driver_present():
+        assert any("UCX_MEM_EVENTS=no" in ln and "set UCX_MEM_EVENTS" in ln for ln in logged)
+    assert "UCX  INFO" in out.stderr
+    assert "UCX  INFO" not in out.stdout
+
+
+def test_user_log_file_is_never_overwritten(tmp_path: Path) -> None:
+    """A UCX_LOG_FILE the user set stays as set, is not logged as a default, and is where UCX
+    writes its log."""
+    log = tmp_path / "ucx.log"
+    env = {**_without_ucx_defaults(), "UCX_LOG_FILE": str(log), "UCX_LOG_LEVEL": "info"}
+    code = _CREATE_AGENT + f"assert os.environ['UCX_LOG_FILE'] == {str(log)!r}\n"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        env=env,
+    )
+    assert "UCX_LOG_FILE" not in out.stdout
+    assert "UCX  INFO" in log.read_text()
+    assert "UCX  INFO" not in out.stderr + out.stdout
 
 
 @pytest.mark.parametrize(
