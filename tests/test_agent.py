@@ -432,3 +432,21 @@ def test_config_params_reach_backend(make_agent: MakeAgent) -> None:
     assert a.backend("loopback").params["num_threads"] == 1
     with pytest.raises(NotFoundError):
         a.backend("UCX")
+
+
+def test_resolve_gives_a_backend_its_handles(make_agent: MakeAgent) -> None:
+    """Agent.resolve checks descriptors like a transfer and hands back the side a backend would
+    get: its own handles for "", the loaded ones for a peer, the loopback ones for its own name."""
+    a, _b, src, dst = _pair(make_agent)
+    mine = a.resolve("", _blocks(src, 64), backend="LOOPBACK")
+    assert len(mine) == src.nbytes // 64 and mine.single_slot >= 0
+    assert mine.slot_handles[mine.single_slot] == src.ctypes.data  # LOOPBACK's handle: the base
+    peer = a.resolve("b", _blocks(dst, 64), backend="loopback")
+    assert peer.slot_handles[peer.single_slot] == dst.ctypes.data
+    assert np.array_equal(peer.addrs, _blocks(dst, 64).addrs)
+    loop = a.resolve("a", _blocks(src, 64), backend="LOOPBACK")
+    assert loop.slot_handles[loop.single_slot] == src.ctypes.data
+    with pytest.raises(InvalidDescriptorError):
+        a.resolve("", [(dst.ctypes.data, 64, 0)], "DRAM", backend="LOOPBACK")
+    with pytest.raises(NotFoundError):
+        a.resolve("", _blocks(src, 64), backend="UCX")
