@@ -569,6 +569,38 @@ static long elapsed_us(const struct timespec *t0)
     return (now.tv_sec - t0->tv_sec) * 1000000 + (now.tv_nsec - t0->tv_nsec) / 1000;
 }
 
+/* Progress worker k until request reqs[k] (one per worker, NULL: none) completes, for all k,
+ * at most timeout_ms after t0; yield_us > 0 sleeps that long between rounds (when progress
+ * threads do most of the work). Requests still running are released (UCX frees them when they
+ * complete). Returns how many were still running. */
+static int wait_requests(nx_ctx *c, ucs_status_ptr_t *reqs, int n, int timeout_ms,
+                         const struct timespec *t0, long yield_us)
+{
+    int left;
+    for (;;) {
+        left = 0;
+        for (int k = 0; k < n; k++) {
+            if (reqs[k] == NULL) continue;
+            ucp_worker_progress(c->workers[k].w);
+            if (ucp_request_check_status(reqs[k]) != UCS_INPROGRESS) {
+                ucp_request_free(reqs[k]);
+                reqs[k] = NULL;
+            } else {
+                left++;
+            }
+        }
+        if (!left || elapsed_us(t0) > (long)timeout_ms * 1000) break;
+        if (yield_us > 0) {
+            struct timespec ts = {0, yield_us * 1000};
+            nanosleep(&ts, NULL);
+        }
+    }
+    for (int k = 0; k < n; k++) {
+        if (reqs[k] != NULL) ucp_request_free(reqs[k]);
+    }
+    return left;
+}
+
 /* Wait until every operation issued on any worker before this call is done: a worker flush
  * completes only once the endpoints' operations and those of discarded transport endpoints
  * (closed or failed endpoints) finished or were canceled. Progresses the workers itself, so it
@@ -586,30 +618,8 @@ int nx_ctx_drain(nx_ctx *c, int timeout_ms)
     }
     struct timespec t0;
     clock_gettime(CLOCK_MONOTONIC, &t0);
-    int left;
-    for (;;) {
-        left = 0;
-        for (int k = 0; k < c->nworkers; k++) {
-            if (reqs[k] == NULL) continue;
-            ucp_worker_progress(c->workers[k].w);
-            if (ucp_request_check_status(reqs[k]) != UCS_INPROGRESS) {
-                ucp_request_free(reqs[k]);
-                reqs[k] = NULL;
-            } else {
-                left++;
-            }
-        }
-        if (!left || elapsed_us(&t0) > (long)timeout_ms * 1000) break;
-        if (c->threads) {
-            /* The progress threads do most of the work: do not fight them for the workers. */
-            struct timespec ts = {0, 20000};
-            nanosleep(&ts, NULL);
-        }
-    }
-    /* A flush still running is released: UCX frees it when it completes. */
-    for (int k = 0; k < c->nworkers; k++) {
-        if (reqs[k] != NULL) ucp_request_free(reqs[k]);
-    }
+    /* With progress threads, they do most of the work: do not fight them for the workers. */
+    int left = wait_requests(c, reqs, c->nworkers, timeout_ms, &t0, c->threads ? 20 : 0);
     free(reqs);
     return left ? -1 : 0;
 }
@@ -807,24 +817,7 @@ int nx_peer_close(nx_peer *p, int timeout_ms)
     }
     struct timespec t0;
     clock_gettime(CLOCK_MONOTONIC, &t0);
-    int left;
-    for (;;) {
-        left = 0;
-        for (int k = 0; k < p->n; k++) {
-            if (reqs[k] == NULL) continue;
-            ucp_worker_progress(c->workers[k].w);
-            if (ucp_request_check_status(reqs[k]) != UCS_INPROGRESS) {
-                ucp_request_free(reqs[k]);
-                reqs[k] = NULL;
-            } else {
-                left++;
-            }
-        }
-        if (!left || elapsed_us(&t0) > (long)timeout_ms * 1000) break;
-    }
-    for (int k = 0; k < p->n; k++) {
-        if (reqs[k] != NULL) ucp_request_free(reqs[k]);
-    }
+    int left = wait_requests(c, reqs, p->n, timeout_ms, &t0, 0);
     free(reqs);
     if (left) return -1;
     long spent_ms = elapsed_us(&t0) / 1000;
