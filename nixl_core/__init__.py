@@ -32,6 +32,7 @@ from nixl_core.errors import (
     LengthMismatchError,
     MemTypeError,
     MetadataError,
+    MetadataTimeoutError,
     NixlError,
     NotAllowedError,
     NotFoundError,
@@ -47,6 +48,7 @@ from nixl_core.errors import (
     TransferError,
     TransferTimeoutError,
     UnknownAgentError,
+    UnregisteredDescriptorError,
 )
 from nixl_core.hookspecs import hookimpl
 from nixl_core.host import HostIdentity
@@ -76,6 +78,7 @@ __all__ = [
     "MemType",
     "MemTypeError",
     "MetadataError",
+    "MetadataTimeoutError",
     "NixlError",
     "NotAllowedError",
     "NotFoundError",
@@ -95,6 +98,7 @@ __all__ = [
     "TransferError",
     "TransferTimeoutError",
     "UnknownAgentError",
+    "UnregisteredDescriptorError",
     "XferOp",
     "XferRequest",
     "XferSide",

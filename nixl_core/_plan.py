@@ -27,6 +27,7 @@ from nixl_core.errors import (
     NotFoundError,
     PluginError,
     TransferError,
+    UnregisteredDescriptorError,
     foreign_error,
 )
 from nixl_core.memory import MemType, Regions
@@ -300,7 +301,7 @@ def locate(
     """
     table = regions.tables.get(mem_type)
     if table is None or len(table) == 0:
-        raise InvalidDescriptorError(
+        raise UnregisteredDescriptorError(
             f"{what} 0 cannot be inside a registration: {whose} has no "
             f"{mem_type.value} memory registered",
             index=0,
@@ -395,7 +396,16 @@ class Planner:
     ) -> tuple[I64 | None, tuple[str, ...], int]:
         """(slots or None, covering backends, single slot) of a list on one side."""
         a = self.agent
-        slots, single = locate(side.regions, mem_type, cols, bounds, what, side.whose)
+        try:
+            slots, single = locate(side.regions, mem_type, cols, bounds, what, side.whose)
+        except UnregisteredDescriptorError as exc:
+            if side.reach != "remote":
+                raise
+            raise UnregisteredDescriptorError(
+                f"{exc} of {side.whose}: its loaded metadata does not include it (not published "
+                "yet? fetch the label that holds it, or load its full metadata again)",
+                index=exc.index,
+            ) from None
         names = [n.upper() for n in backends] if backends else list(a._backends)
         missing = [n for n in names if n not in a._backends]
         if missing:

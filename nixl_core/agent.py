@@ -35,6 +35,8 @@ from nixl_core._malloc import tune_malloc
 from nixl_core._plugins import INSTALL_HINTS, default_backend, get_plugin_manager
 from nixl_core.backend import Backend, BackendRequest, XferOp, XferSide
 from nixl_core.descriptors import DescList, RegDescList, as_descs, as_reg_descs
+from nixl_core.discovery.service import MdOp, MetadataService
+from nixl_core.discovery.store import DEFAULT_TTL, MetadataStore
 from nixl_core.errors import (
     BackendUnavailableError,
     DuplicateBackendError,
@@ -45,6 +47,8 @@ from nixl_core.errors import (
     NotSupportedError,
     RemoteDisconnectError,
     StaleHandleError,
+    TransferCanceledError,
+    TransferError,
     UnknownAgentError,
     foreign_error,
 )
@@ -54,6 +58,7 @@ from nixl_core.metadata import (
     RemoteAgent,
     export_metadata,
     load_metadata,
+    new_incarnation,
     unload_remote,
 )
 from nixl_core.params import resolve_params
@@ -86,6 +91,20 @@ class AgentConfig:
             (the descriptor path's numpy temporaries then reuse heap memory instead of page
             faulting; see ``nixl_core._malloc``). None: the environment decides
             (``NIXL_MALLOC_TUNE=0`` turns it off), default on.
+        listen: run the metadata side-channel listener (NIXL's ``enable_listen_thread``).
+        listen_host: the address it binds: loopback unless set (``"0.0.0.0"`` for every
+            interface, only when asked).
+        listen_port: its port; 0 picks a free one (logged: ``MD listener is listening on port
+            N``; :attr:`Agent.listen_port` tells it too).
+        md_store: the name-addressed metadata store: ``"etcd://host:port[,host:port]"``,
+            ``"tcpstore://host:port"``, a :class:`~nixl_core.discovery.MetadataStore`, or None
+            for NIXL's ``NIXL_ETCD_ENDPOINTS`` / ``NIXL_TCPSTORE_ENDPOINT``.
+        md_namespace: etcd key namespace (None: ``NIXL_ETCD_NAMESPACE``, else
+            ``/nixl/agents/``).
+        md_ttl: seconds this agent's store keys outlive it (etcd lease TTL).
+        md_timeout: default seconds a fetch waits for a peer's metadata.
+        md_key: shared key authenticating every side-channel frame and store value
+            (HMAC-SHA256); None: ``NIXL_MD_KEY``, else none.
     """
 
     backends: Sequence[str] | None = None
@@ -93,6 +112,14 @@ class AgentConfig:
     num_threads: int = 0
     enable_prog_thread: bool | None = None
     tune_malloc: bool | None = None
+    listen: bool = False
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 0
+    md_store: MetadataStore | str | None = None
+    md_namespace: str | None = None
+    md_ttl: float = DEFAULT_TTL
+    md_timeout: float = 5.0
+    md_key: bytes | str | None = None
 
     def layers(self, backend: str) -> tuple[dict[str, Any], dict[str, Any]]:
         """This config's params for one backend: (``backend_params`` entry, agent-wide ones)."""
@@ -136,6 +163,10 @@ class Agent:
         self._planner = _plan.Planner(self)
         self._lock = threading.RLock()
         self._closed = False
+        #: New for every agent object: peers tell a restart from the same agent by it.
+        self.incarnation = new_incarnation()
+        self._dropped: dict[int, str] = {}  # dropped peers' generations -> why (for messages)
+        self._md: MetadataService | None = None
         names = self.config.backends
         if names is None:
             chosen, why = default_backend()
@@ -144,6 +175,8 @@ class Agent:
         try:
             for b in names:
                 self.create_backend(b)
+            if self.config.listen:
+                self._md = self._new_md()
         except BaseException:
             self.close()
             raise
@@ -334,7 +367,9 @@ class Agent:
                 f"({', '.join(self._backends) or 'none'})"
             )
         with self._lock:
-            return export_metadata(self.name, self._regions, rb, subset, conn_info, with_regions)
+            return export_metadata(
+                self.name, self.incarnation, self._regions, rb, subset, conn_info, with_regions
+            )
 
     def add_remote(self, metadata: bytes) -> str:
         """Load a remote agent's (full or partial) metadata; loads are additive.
@@ -349,26 +384,76 @@ class Agent:
                 region overlapping a different one loaded before (the peer re-registered).
             PluginError: no backend in common with the remote agent.
         """
-        md = AgentMetadata.decode(metadata)
+        return self._load_metadata(AgentMetadata.decode(metadata))
+
+    def _load_metadata(self, md: AgentMetadata) -> str:
+        """add_remote after decoding (the metadata service loads through here too).
+
+        Metadata of another incarnation than the one loaded is a restarted peer: the old one
+        is dropped first (its lists go stale, its in-flight requests fail), never merged.
+        """
         if md.name == self.name:
             raise InvalidParamError(f"metadata of agent {md.name!r} is this agent's own")
         with self._lock:
+            old = self._remotes.get(md.name)
+            if old is not None and old.incarnation != md.incarnation:
+                logger.info(
+                    "agent %s: remote agent %s restarted; replacing its metadata",
+                    self.name,
+                    md.name,
+                )
+                self._drop_remote(
+                    md.name,
+                    "restarted (metadata of a new incarnation arrived)",
+                    RemoteDisconnectError,
+                )
             load_metadata(self._remotes, md, self._backends, self.name)
         return md.name
 
     def remove_remote(self, name: str) -> None:
         """Forget a remote agent: unload its regions and disconnect every backend from it.
 
-        Prepared lists and requests made against it are refused afterwards (even after a re-add).
+        Prepared lists and requests made against it are refused afterwards (even after a
+        re-add: :class:`~nixl_core.errors.StaleHandleError`); requests still in flight end in
+        :class:`~nixl_core.errors.TransferCanceledError`. A peer fetched from a store is no
+        longer watched.
 
         Raises:
             UnknownAgentError: no metadata is loaded for it.
         """
+        if self._md is not None:
+            self._md.forget(name)
         with self._lock:
-            remote = self._remotes.pop(name, None)
-            if remote is None:
+            if name not in self._remotes:
                 raise UnknownAgentError(name)
-            unload_remote(remote, self._backends)
+            self._drop_remote(name, "removed by remove_remote()", TransferCanceledError)
+
+    def _drop_remote(self, name: str, why: str, error: type[TransferError]) -> None:
+        """Forget a loaded peer; requests to it still in flight end in ``error`` (under lock)."""
+        remote = self._remotes.pop(name)
+        self._dropped[remote.generation] = why
+        while len(self._dropped) > 4096:  # bounded: only for messages
+            del self._dropped[next(iter(self._dropped))]
+        for req in list(self._requests):
+            if req.peer == name and req._gen == remote.generation:
+                req._abandon(error(f"{req!r} did not complete: remote agent {name!r} {why}"))
+        unload_remote(remote, self._backends)
+
+    def _invalidate_remote(self, name: str, incarnation: bytes, why: str) -> None:
+        """Drop a peer on its own word or its store's (only the incarnation named)."""
+        with self._lock:
+            remote = self._remotes.get(name)
+            if remote is None or remote.incarnation != incarnation:
+                return
+            logger.warning("agent %s: remote agent %s %s; dropping it", self.name, name, why)
+            try:
+                self._drop_remote(name, why, RemoteDisconnectError)
+            except NixlError as exc:  # teardown of a dead peer is best effort
+                logger.debug("dropping %s: %s", name, exc)
+
+    def _remote_incarnation(self, name: str) -> bytes | None:
+        remote = self._remotes.get(name)
+        return remote.incarnation if remote is not None else None
 
     @property
     def remote_agents(self) -> tuple[str, ...]:
@@ -378,7 +463,14 @@ class Agent:
     def check_remote(
         self, name: str, descs: Any = None, mem_type: MemType | str | None = None
     ) -> bool:
-        """True if metadata for ``name`` is loaded (and, given descs, some backend covers them)."""
+        """True if metadata for ``name`` is loaded (and, given descs, some backend covers them).
+
+        Raises:
+            NixlError: the latest :meth:`fetch_metadata` of ``name`` failed (its typed error,
+                raised once: MetadataTimeoutError, MetadataError, RemoteDisconnectError, ...).
+        """
+        if self._md is not None:
+            self._md.raise_failed(name)
         if name not in self._remotes:
             return False
         if descs is None:
@@ -410,15 +502,82 @@ class Agent:
         if peer == self.name:
             return
         remote = self._remotes.get(peer)
-        if remote is None:
-            raise UnknownAgentError(
-                peer, f"remote agent {peer!r} was removed; its requests are void"
-            )
-        if remote.generation != generation:
-            raise StaleHandleError(
-                f"made against older metadata of agent {peer!r} (generation {generation}, now "
-                f"{remote.generation}); prepare it again"
-            )
+        if remote is not None and remote.generation == generation:
+            return
+        why = self._dropped.get(generation, "was removed")
+        now = "its metadata is not loaded" if remote is None else "newer metadata is loaded"
+        raise StaleHandleError(
+            peer,
+            f"made against metadata of agent {peer!r} that is void: the agent {why}; {now}, "
+            "prepare the list again",
+        )
+
+    # ================================================================ metadata services
+    def _new_md(self) -> MetadataService:
+        c = self.config
+        return MetadataService(
+            self,
+            listen=c.listen,
+            host=c.listen_host,
+            port=c.listen_port,
+            store=c.md_store,
+            namespace=c.md_namespace,
+            ttl=c.md_ttl,
+            timeout=c.md_timeout,
+            key=c.md_key,
+        )
+
+    @property
+    def md(self) -> MetadataService:
+        """The metadata service (created on first use; with ``listen`` at start)."""
+        with self._lock:
+            if self._md is None:
+                if self._closed:
+                    raise NotSupportedError(f"agent {self.name!r} is closed")
+                self._md = self._new_md()
+            return self._md
+
+    @property
+    def listen_port(self) -> int | None:
+        """The side-channel listener's port, or None when not listening."""
+        return self._md.listen_port if self._md is not None else None
+
+    def publish_metadata(
+        self,
+        descs: Any = None,
+        *,
+        label: str | None = None,
+        conn_info: bool = True,
+        backends: Sequence[str] | None = None,
+        addr: tuple[str, int] | None = None,
+    ) -> MdOp:
+        """Publish this agent's metadata, full or partial, to the store or to a peer's listener.
+
+        See :meth:`MetadataService.publish`. Returns at once; ``.wait()`` raises a failure.
+        """
+        return self.md.publish(
+            descs, label=label, conn_info=conn_info, backends=backends, addr=addr
+        )
+
+    def fetch_metadata(
+        self,
+        name: str | None,
+        *,
+        label: str | None = None,
+        addr: tuple[str, int] | None = None,
+        timeout: float | None = None,
+        wait: bool = False,
+    ) -> MdOp:
+        """Fetch a peer's metadata from the store (by name) or its listener (``addr``) and load
+        it when it arrives; :meth:`check_remote` tells when (and raises a failure).
+
+        See :meth:`MetadataService.fetch`.
+        """
+        return self.md.fetch(name, label=label, addr=addr, timeout=timeout, wait=wait)
+
+    def invalidate_metadata(self, *, addr: tuple[str, int] | None = None) -> MdOp:
+        """Withdraw this agent's metadata from the store, or from one peer (``addr``)."""
+        return self.md.invalidate(addr=addr)
 
     # ================================================================ transfers
     def prep(
@@ -556,11 +715,15 @@ class Agent:
     def _on_error(self, req: XferRequest, exc: BaseException) -> None:
         # A peer that died is invalidated (NIXL's REMOTE_DISCONNECT handling), once per generation.
         if isinstance(exc, RemoteDisconnectError) and req.peer != self.name:
-            remote = self._remotes.get(req.peer)
-            if remote is not None and remote.generation == req._gen:
+            with self._lock:
+                remote = self._remotes.get(req.peer)
+                if remote is None or remote.generation != req._gen:
+                    return
                 logger.warning("remote agent %s disconnected; removing its metadata", req.peer)
                 try:
-                    self.remove_remote(req.peer)
+                    self._drop_remote(
+                        req.peer, "disconnected (a transfer to it failed)", RemoteDisconnectError
+                    )
                 except NixlError as err:  # teardown of a dead peer is best effort
                     logger.debug("removing %s after disconnect: %s", req.peer, err)
 
@@ -622,6 +785,9 @@ class Agent:
         if self._closed:
             return
         self._closed = True
+        md = getattr(self, "_md", None)
+        if md is not None:
+            md.close()
         if hasattr(self, "_mgr") and self._backends:
             self._mgr.pm.hook.nixl_agent_closing(agent=self)
         for req in list(self._requests):

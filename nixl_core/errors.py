@@ -192,6 +192,15 @@ class NotFoundError(NixlError, LookupError):
     status = Status.ERR_NOT_FOUND
 
 
+class UnregisteredDescriptorError(InvalidDescriptorError, NotFoundError):
+    """A descriptor lies outside every registration of its side (NIXL's ``NOT_FOUND``).
+
+    For a remote side this includes regions the peer has not published yet (partial metadata).
+    """
+
+    status = Status.ERR_NOT_FOUND
+
+
 class UnknownAgentError(NotFoundError):
     """No metadata is loaded for the named remote agent."""
 
@@ -202,8 +211,12 @@ class UnknownAgentError(NotFoundError):
         )
 
 
-class StaleHandleError(NotFoundError):
-    """A prepared list or request was made against metadata that has since been replaced."""
+class StaleHandleError(UnknownAgentError):
+    """A prepared list or request was made against a remote agent's metadata that has since
+    been removed, invalidated (its store keys expired) or replaced (the agent restarted)."""
+
+    def __init__(self, name: str, msg: str) -> None:
+        super().__init__(name, msg)
 
 
 class MetadataError(NixlError, ValueError):
@@ -276,6 +289,10 @@ class TransferCanceledError(TransferError):
 
 class TransferTimeoutError(TransferError, TimeoutError):
     """The transfer did not complete within its deadline."""
+
+
+class MetadataTimeoutError(NotFoundError, TimeoutError):
+    """A peer's metadata did not arrive within the fetch's timeout (or a wait gave up first)."""
 
 
 _STATUS_TO_ERROR: dict[Status, type[NixlError]] = {

@@ -20,11 +20,11 @@ import numpy as np
 import numpy.typing as npt
 
 from nixl_core.errors import (
-    InvalidDescriptorError,
     MemTypeError,
     NixlError,
     PluginError,
     RegistrationError,
+    UnregisteredDescriptorError,
     foreign_error,
 )
 
@@ -321,14 +321,14 @@ class RegTable:
             int64 array of slots, one per descriptor.
 
         Raises:
-            InvalidDescriptorError: a descriptor lies outside every registration (names the first
+            UnregisteredDescriptorError: a descriptor lies outside every registration (names the first
                 such index) or wraps past 2**64.
         """
         n = addrs.shape[0]
         if n == 0:
             return np.empty(0, np.int64)
         if self._addr.size == 0:
-            raise InvalidDescriptorError(
+            raise UnregisteredDescriptorError(
                 f"{what} 0 [addr=0x{int(addrs[0]):x}, len={int(lens[0])}, dev={int(devs[0])}] is "
                 f"not inside any registration: no {self.mem_type.value} memory is registered",
                 index=0,
@@ -355,7 +355,7 @@ class RegTable:
         ok = (pos >= 0) & (addrs <= end_p) & (lens <= end_p - addrs)
         if not ok.all():
             bad = int(np.argmin(ok))
-            raise InvalidDescriptorError(
+            raise UnregisteredDescriptorError(
                 f"{what} {bad} [addr=0x{int(addrs[bad]):x}, len={int(lens[bad])}, "
                 f"dev={int(devs[bad])}] is not inside any {self.mem_type.value} registration",
                 index=bad,

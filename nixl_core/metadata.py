@@ -14,8 +14,8 @@ Header (fixed, 20 bytes):
 off     size    field
 ======  ======  =====================================================================
 0       8       magic ``b"NIXLPYMD"``
-8       2       u16 format version (:data:`FORMAT_VERSION` = 1)
-10      2       u16 flags, must be 0 in version 1
+8       2       u16 format version (:data:`FORMAT_VERSION` = 2)
+10      2       u16 flags, must be 0 in version 2
 12      8       u64 total length of the blob in bytes, including header and CRC
 ======  ======  =====================================================================
 
@@ -25,6 +25,7 @@ Body (variable; ``str`` = u32 byte length L, then L bytes of UTF-8, 1 <= L <= 10
 size          field
 ============  =====================================================================
 4 + L         agent name (``str``)
+16            incarnation id: new for every start of the agent (:func:`new_incarnation`)
 4             u32 C: number of connection entries
 per entry:    backend name (``str``), then u32 B + B bytes of connection info
 4             u32 S: number of sections
@@ -55,7 +56,9 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import struct
+import time
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from itertools import pairwise
@@ -83,26 +86,32 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FORMAT_VERSION",
+    "INCARNATION_BYTES",
     "MAGIC",
     "MAX_NAME_BYTES",
     "AgentMetadata",
     "RemoteAgent",
     "Section",
     "export_metadata",
+    "incarnation_time",
     "load_connections",
     "load_metadata",
     "load_section",
+    "new_incarnation",
     "unload_remote",
 ]
 
 logger = logging.getLogger(__name__)
 
 #: Binary format version written by :meth:`AgentMetadata.encode`; the only one decode accepts.
-FORMAT_VERSION: int = 1
+#: Version 2 added the incarnation id.
+FORMAT_VERSION: int = 2
 #: First 8 bytes of every encoded metadata blob.
 MAGIC = b"NIXLPYMD"
 #: Longest agent or backend name, in UTF-8 bytes.
 MAX_NAME_BYTES = 1024
+#: Size of an incarnation id.
+INCARNATION_BYTES = 16
 
 U64 = npt.NDArray[np.uint64]
 BytesLike = bytes | bytearray | memoryview
@@ -115,7 +124,7 @@ _CRC_SIZE = 4
 _U32_MAX = 0xFFFF_FFFF
 #: Smallest possible blob: header, a name length, two zero counts, CRC (no name bytes: an empty
 #: name then gets its own error message).
-_MIN_SIZE = _HEADER_SIZE + 4 + 4 + 4 + _CRC_SIZE
+_MIN_SIZE = _HEADER_SIZE + 4 + INCARNATION_BYTES + 4 + 4 + _CRC_SIZE
 #: Smallest encodings of one connection entry / one section (empty names, no data).
 _MIN_CONN = 4 + 4
 _MIN_SECTION = 4 + 1 + 4
@@ -202,6 +211,31 @@ def _validate_conns(_inst: object, _attr: object, conns: tuple[tuple[str, bytes]
         if backend in seen:
             raise MetadataError(f"duplicate connection entry for backend {backend!r}")
         seen.add(backend)
+
+
+def _validate_incarnation(_inst: object, _attr: object, value: bytes) -> None:
+    if type(value) is not bytes:
+        raise TypeError(f"incarnation must be bytes, got {type(value).__name__}")
+    if len(value) != INCARNATION_BYTES:
+        raise MetadataError(f"incarnation must be {INCARNATION_BYTES} bytes, got {len(value)}")
+
+
+def new_incarnation() -> bytes:
+    """A fresh incarnation id: a UUIDv7 (48-bit Unix milliseconds, then 74 random bits), so
+    ids sort by start time and :func:`incarnation_time` can show when an agent started."""
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms & ((1 << 48) - 1)) << 80 | rand & ((1 << 80) - 1)
+    value = (value & ~(0xF << 76)) | (0x7 << 76)  # version 7
+    value = (value & ~(0x3 << 62)) | (0x2 << 62)  # RFC 4122 variant
+    return value.to_bytes(INCARNATION_BYTES, "big")
+
+
+def incarnation_time(incarnation: bytes) -> float | None:
+    """The Unix time (s) an incarnation id from :func:`new_incarnation` was made, else None."""
+    if len(incarnation) != INCARNATION_BYTES or incarnation[6] >> 4 != 7:
+        return None
+    return int.from_bytes(incarnation[:6], "big") / 1000.0
 
 
 def _validate_sections(_inst: object, _attr: object, sections: tuple[Section, ...]) -> None:
@@ -299,9 +333,13 @@ class AgentMetadata:
         conns: ``(backend name, connection info)`` pairs with unique backend names; may be empty
             (partial metadata without connection info). A mapping is accepted too.
         sections: registrations, one :class:`Section` per (backend, memory type); may be empty.
+        incarnation: 16 bytes that are new for every start of the agent: a peer that sees the
+            same name with another incarnation knows the agent restarted (its old state is
+            replaced, never merged). All zeros when unknown.
 
     Raises:
-        MetadataError: empty or too long name, duplicate connection backend or section.
+        MetadataError: empty or too long name, duplicate connection backend or section, an
+            incarnation that is not 16 bytes.
         TypeError: a field of the wrong type.
     """
 
@@ -311,6 +349,9 @@ class AgentMetadata:
     )
     sections: tuple[Section, ...] = attrs.field(
         default=(), converter=_to_sections, validator=_validate_sections
+    )
+    incarnation: bytes = attrs.field(
+        default=bytes(INCARNATION_BYTES), kw_only=True, validator=_validate_incarnation
     )
 
     def encode(self) -> bytes:
@@ -322,7 +363,7 @@ class AgentMetadata:
         Raises:
             MetadataError: a count or a blob is too large for the format's u32 fields.
         """
-        parts: list[bytes] = [_str(self.name)]
+        parts: list[bytes] = [_str(self.name), self.incarnation]
         parts.append(_u32(len(self.conns), "connection count"))
         for backend, info in self.conns:
             parts += (_str(backend), _u32(len(info), f"connection info of {backend!r}"), info)
@@ -573,6 +614,7 @@ class _Reader:
     def read(self) -> AgentMetadata:
         self.header()
         name = self.name("agent name")
+        incarnation = self.take(INCARNATION_BYTES, "incarnation id")
         conns = self.conns()
         seen: set[tuple[str, MemType]] = set()
         sections = tuple(
@@ -583,7 +625,7 @@ class _Reader:
                 f"{self.end - self.pos} trailing bytes after the last section, before the CRC",
                 offset=self.pos,
             )
-        return AgentMetadata(name, conns, sections)
+        return AgentMetadata(name, conns, sections, incarnation=incarnation)
 
 
 # --------------------------------------------------------------------------- agents' metadata
@@ -594,12 +636,14 @@ class RemoteAgent:
     """What an agent knows of one remote agent: its connection info per backend (the ones
     this agent reached), why the others could not reach it, and its loaded regions.
 
-    ``generation`` is new for every load of a name after a removal: lists prepared against an
-    older generation are refused (:class:`~nixl_core.errors.StaleHandleError`).
+    ``generation`` is new for every load of a name after a removal or a restart of the peer
+    (a new ``incarnation``): lists prepared against an older generation are refused
+    (:class:`~nixl_core.errors.StaleHandleError`).
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, incarnation: bytes) -> None:
         self.name = name
+        self.incarnation = incarnation
         self.generation = next(_generations)
         self.conns: dict[str, bytes] = {}
         self.unreachable: dict[str, str] = {}
@@ -608,6 +652,7 @@ class RemoteAgent:
 
 def export_metadata(
     name: str,
+    incarnation: bytes,
     regions: Regions,
     backends: Sequence[Backend],
     subset: DescList | None,
@@ -618,6 +663,7 @@ def export_metadata(
 
     Args:
         name: the agent's name.
+        incarnation: its incarnation id.
         regions: its own registrations.
         backends: the remote-capable backends to export.
         subset: only these registrations (each must be one exactly), or None for all.
@@ -658,7 +704,7 @@ def export_metadata(
                         b.name, mt, np.ascontiguousarray(rows[sel]), tuple(blobs[s] for s in chosen)
                     )
                 )
-    return AgentMetadata(name, conns, tuple(sections)).encode()
+    return AgentMetadata(name, conns, tuple(sections), incarnation=incarnation).encode()
 
 
 def _connection_info(b: Backend) -> bytes:
@@ -675,8 +721,9 @@ def load_metadata(
 ) -> RemoteAgent:
     """Load a peer's (full or partial) metadata into an agent's remote agents, additively.
 
-    A first load needs at least one backend that can reach the peer; later loads add
-    connection info and regions.
+    A first load needs at least one backend that can reach the peer; later loads of the same
+    incarnation add connection info and regions. (Metadata of another incarnation is the
+    caller's to handle first: the agent drops the old peer, then loads the new one afresh.)
 
     Raises:
         PluginError: a new peer that no backend of this agent can reach (each one's reason).
@@ -685,7 +732,12 @@ def load_metadata(
     remote = remotes.get(md.name)
     new = remote is None
     if remote is None:
-        remote = RemoteAgent(md.name)
+        remote = RemoteAgent(md.name, md.incarnation)
+    elif remote.incarnation != md.incarnation:
+        raise NotAllowedError(
+            f"metadata of agent {md.name!r} is from another incarnation than the one loaded; "
+            "remove_remote() it first"
+        )
     load_connections(remote, md, backends)
     if new:
         if not remote.conns:

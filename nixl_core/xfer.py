@@ -446,6 +446,17 @@ class XferRequest:
                     raise self._failed(exc, "wait for") from exc
         return st
 
+    def _abandon(self, exc: TransferError) -> None:
+        """The peer is gone: if still in flight (asked once more), end in ERROR with ``exc``.
+
+        The backend's part is aborted when the request is released.
+        """
+        if self.status is not XferStatus.IN_PROGRESS or self._breq is None:
+            return
+        self._poll(self._breq)
+        if self.status is XferStatus.IN_PROGRESS:
+            self._fail(exc)
+
     def _fail(self, exc: BaseException) -> None:
         self.status = XferStatus.ERROR
         self.error = exc

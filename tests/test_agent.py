@@ -27,10 +27,12 @@ from nixl_core import (
     RepostActiveError,
     StaleHandleError,
     UnknownAgentError,
+    UnregisteredDescriptorError,
     XferStatus,
     _plugins,
     reset_plugin_manager,
 )
+from nixl_core.metadata import AgentMetadata
 
 MakeAgent = Callable[..., Agent]
 
@@ -322,17 +324,47 @@ def test_own_metadata_and_corrupt(make_agent: MakeAgent) -> None:
 
 
 def test_changed_blob_not_allowed(make_agent: MakeAgent) -> None:
-    """Different connection info for a known agent is refused until it is removed."""
+    """Different connection info from the same incarnation is refused until it is removed."""
+    a, b = make_agent("a"), make_agent("b")
+    a.add_remote(b.metadata())
+    md = AgentMetadata.decode(b.metadata())
+    changed = AgentMetadata(
+        md.name, [(n, info + b"x") for n, info in md.conns], incarnation=md.incarnation
+    )
+    with pytest.raises(NotAllowedError, match="different"):
+        a.add_remote(changed.encode())
+    a.remove_remote("b")
+    a.add_remote(b.metadata())
+
+
+def test_restarted_peer_is_replaced_not_merged(make_agent: MakeAgent) -> None:
+    """Metadata of a new incarnation under a known name replaces the old peer: its lists go
+    stale, the new one's memory is reachable, none of the old regions stay loaded."""
     a = make_agent("a")
     b1 = make_agent("b")
+    old = np.zeros(8192, np.uint8)
+    b1.register(old)
     a.add_remote(b1.metadata())
+    src = np.arange(4096, dtype=np.uint8)
+    a.register(src)
+    lp = a.prep("", _blocks(src, 4096))
+    stale = a.prep("b", _blocks(old, 4096))
     b1.close()
     b2 = Agent("b", backends=["LOOPBACK"])
     try:
-        with pytest.raises(NotAllowedError):
-            a.add_remote(b2.metadata())
-        a.remove_remote("b")
+        assert b2.incarnation != b1.incarnation
+        new = np.zeros(4096, np.uint8)
+        b2.register(new)
         a.add_remote(b2.metadata())
+        with pytest.raises(StaleHandleError, match="restarted"):
+            a.make("WRITE", lp, [0], stale, [0])
+        with pytest.raises(UnregisteredDescriptorError, match="agent 'b'"):
+            a.prep("b", _blocks(old, 4096))
+        req = a.make("WRITE", lp, [0], a.prep("b", _blocks(new, 4096)), [0])
+        req.post()
+        req.wait(5)
+        assert np.array_equal(new, src)
+        req.release()
     finally:
         b2.close()
 

@@ -54,6 +54,10 @@ def frame(
     return data + u32(zlib.crc32(data))
 
 
+#: The incarnation id hand-built bodies carry (all zeros: "unknown").
+INC = bytes(16)
+
+
 def body(
     name: bytes = b"agent",
     conns: list[tuple[bytes, bytes]] | None = None,
@@ -62,7 +66,7 @@ def body(
     """A raw body from raw parts; each section is given fully pre-encoded."""
     conns = conns or []
     sections = sections or []
-    out = s(name) + u32(len(conns))
+    out = s(name) + INC + u32(len(conns))
     for backend, info in conns:
         out += s(backend) + s(info)
     return out + u32(len(sections)) + b"".join(sections)
@@ -142,7 +146,7 @@ def test_round_trip_100k_descriptors() -> None:
     blob = md.encode()
     out = AgentMetadata.decode(blob)
     assert out == md
-    assert len(blob) == HEADER.size + 4 + 3 + 4 + 4 + 3 + 4 + 64 + 4 + 4 + 3 + 1 + 4 + (
+    assert len(blob) == HEADER.size + 4 + 3 + 16 + 4 + 4 + 3 + 4 + 64 + 4 + 4 + 3 + 1 + 4 + (
         28 * n + sum(map(len, blobs)) + 4
     )
 
@@ -293,8 +297,8 @@ def test_empty_input() -> None:
 
 def test_unknown_version_names_both_versions() -> None:
     """An unknown version is refused with a message naming it and the supported version."""
-    err = decode_error(frame(body(), version=2))
-    assert "unsupported metadata format version 2" in str(err)
+    err = decode_error(frame(body(), version=1))
+    assert "unsupported metadata format version 1" in str(err)
     assert f"version {FORMAT_VERSION}" in str(err)
     assert err.offset == 8
 
@@ -392,20 +396,20 @@ def test_unknown_mem_type_code() -> None:
     raw = body(sections=[raw_section(b"UCX", 9, [[1, 2, 3]], [b"k"])])
     err = decode_error(frame(raw))
     assert "section 0 ('UCX'): unknown memory type code 9" in str(err)
-    assert err.offset == HEADER.size + 4 + 5 + 4 + 4 + 4 + 3
+    assert err.offset == HEADER.size + 4 + 5 + 16 + 4 + 4 + 4 + 3
 
 
 def test_oversized_conn_count() -> None:
     """A connection count that cannot fit in the remaining bytes is refused before allocating."""
-    raw = s(b"agent") + u32(0xFFFF_FFFF) + u32(0)
+    raw = s(b"agent") + INC + u32(0xFFFF_FFFF) + u32(0)
     err = decode_error(frame(raw))
     assert "connection count 4294967295 cannot fit" in str(err)
-    assert err.offset == HEADER.size + 9
+    assert err.offset == HEADER.size + 9 + 16
 
 
 def test_oversized_section_count() -> None:
     """A section count that cannot fit in the remaining bytes is refused before allocating."""
-    raw = s(b"agent") + u32(0) + u32(1_000_000)
+    raw = s(b"agent") + INC + u32(0) + u32(1_000_000)
     err = decode_error(frame(raw))
     assert "section count 1000000 cannot fit" in str(err)
 
@@ -415,7 +419,7 @@ def test_oversized_descriptor_count() -> None:
     sec = s(b"UCX") + u8(0) + u32(0x4000_0000) + bytes(28)
     err = decode_error(frame(body(sections=[sec])))
     assert "descriptor count 1073741824 cannot fit" in str(err)
-    assert err.offset == HEADER.size + 9 + 4 + 4 + 7 + 1
+    assert err.offset == HEADER.size + 9 + 16 + 4 + 4 + 7 + 1
 
 
 def test_oversized_blob_lengths() -> None:
@@ -428,7 +432,7 @@ def test_oversized_blob_lengths() -> None:
 
 def test_oversized_conn_info_length() -> None:
     """A connection info length past the remaining bytes is refused as truncated."""
-    raw = s(b"agent") + u32(1) + s(b"UCX") + u32(1000) + b"abc" + u32(0)
+    raw = s(b"agent") + INC + u32(1) + s(b"UCX") + u32(1000) + b"abc" + u32(0)
     err = decode_error(frame(raw))
     assert "connection 0 ('UCX') info needs 1000 bytes" in str(err)
 
