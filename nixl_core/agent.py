@@ -439,13 +439,21 @@ class Agent:
                 req._abandon(error(f"{req!r} did not complete: remote agent {name!r} {why}"))
         unload_remote(remote, self._backends)
 
-    def _invalidate_remote(self, name: str, incarnation: bytes, why: str) -> None:
+    def _invalidate_remote(
+        self, name: str, incarnation: bytes, why: str, unexpected: bool = True
+    ) -> None:
         """Drop a peer on its own word or its store's (only the incarnation named)."""
         with self._lock:
             remote = self._remotes.get(name)
             if remote is None or remote.incarnation != incarnation:
                 return
-            logger.warning("agent %s: remote agent %s %s; dropping it", self.name, name, why)
+            logger.log(
+                logging.WARNING if unexpected else logging.INFO,
+                "agent %s: remote agent %s %s; dropping it",
+                self.name,
+                name,
+                why,
+            )
             try:
                 self._drop_remote(name, why, RemoteDisconnectError)
             except NixlError as exc:  # teardown of a dead peer is best effort

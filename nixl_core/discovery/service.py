@@ -224,11 +224,24 @@ class MetadataService:
         return found
 
     def _submit(
-        self, pool: cf.ThreadPoolExecutor, what: str, fn: Callable[..., _T], *args: Any
+        self,
+        pool: cf.ThreadPoolExecutor,
+        what: str,
+        fn: Callable[..., _T],
+        *args: Any,
+        inline: bool = False,
     ) -> MdOp:
+        """Run ``fn`` on a worker, or (``inline``: the caller waits anyway) right here."""
         if self._closed:
             raise NotSupportedError(f"cannot {what}: agent {self._agent.name!r} is closed")
-        return MdOp(what, pool.submit(fn, *args))
+        if not inline:
+            return MdOp(what, pool.submit(fn, *args))
+        fut: cf.Future[Any] = cf.Future()
+        try:
+            fut.set_result(fn(*args))
+        except Exception as exc:
+            fut.set_exception(exc)
+        return MdOp(what, fut)
 
     def _context(self, agent: str, label: str) -> bytes:
         return label_key(self.store.namespace, agent, label).encode()
@@ -329,6 +342,7 @@ class MetadataService:
                 name,
                 addr,
                 t,
+                inline=wait,
             )
         else:
             if not name:
@@ -343,6 +357,7 @@ class MetadataService:
                 name,
                 lbl,
                 t,
+                inline=wait,
             )
         if name is not None:
             with self._lock:
@@ -484,7 +499,7 @@ class MetadataService:
             return None
         if frame.kind is Kind.INVL:
             inc, who = parse_named(frame.payload)
-            self._inbox.submit(a._invalidate_remote, who, inc, "invalidated its metadata")
+            self._inbox.submit(a._invalidate_remote, who, inc, "invalidated its metadata", False)
             return None
         raise MetadataError(f"{frame.kind.name} is not a side-channel command")
 
