@@ -10,13 +10,15 @@ subclasses the builtin that best describes it, so generic ``except ValueError`` 
      │    ├── BackendUnavailableError               BACKEND        installed, but probe() said no
      │    └── DuplicateBackendError                 INVALID_PARAM  a second backend of one type
      ├── InvalidParamError (ValueError)             INVALID_PARAM
-     │    ├── InvalidDescriptorError                INVALID_PARAM  descriptor outside registrations...
+     │    ├── InvalidDescriptorError                INVALID_PARAM  malformed descriptor, bad index
+     │    │    └── UnregisteredDescriptorError      NOT_FOUND      outside every registration (also a NotFoundError)
      │    ├── LengthMismatchError                   INVALID_PARAM  local/remote count or length differ
      │    └── RegistrationError                     INVALID_PARAM  duplicate/overlapping/unknown region
      ├── MemTypeError (TypeError)                   INVALID_PARAM  wrong or unknown memory type
      ├── NotFoundError (LookupError)                NOT_FOUND
      │    ├── UnknownAgentError                     NOT_FOUND      no metadata for that agent
-     │    └── StaleHandleError                      NOT_FOUND      made against older metadata
+     │    │    └── StaleHandleError                 NOT_FOUND      its peer was dropped or restarted since
+     │    └── MetadataTimeoutError (TimeoutError)   NOT_FOUND      a fetched peer's metadata never came
      ├── MetadataError (ValueError)                 MISMATCH       truncated/corrupt/unknown version
      ├── NotAllowedError                            NOT_ALLOWED    e.g. changed blob for a known region
      ├── RepostActiveError                          REPOST_ACTIVE  post/release of a running request
@@ -53,6 +55,7 @@ __all__ = [
     "LengthMismatchError",
     "MemTypeError",
     "MetadataError",
+    "MetadataTimeoutError",
     "NixlError",
     "NotAllowedError",
     "NotFoundError",
@@ -68,6 +71,7 @@ __all__ = [
     "TransferError",
     "TransferTimeoutError",
     "UnknownAgentError",
+    "UnregisteredDescriptorError",
     "error_for_status",
     "foreign_error",
 ]
