@@ -53,9 +53,15 @@ def plugin(session: nox.Session, plugin: str | None) -> None:
 
 @nox.session
 def together(session: nox.Session) -> None:
-    """The core and every plugin installed together; all tests."""
+    """The core and every plugin installed together; all tests.
+
+    torch (the CPU build, pinned: any other version downloads a CUDA build of several GB) comes
+    too, so the TCPStore metadata store and tensor descriptors are tested; ``core`` runs without.
+    """
     plugins = [f"./plugins/{p}" for p in SELECTED]
-    session.install(".", *plugins, *nox.project.dependency_groups(PYPROJECT, "test"))
+    session.install(
+        ".", *plugins, "torch==2.13.0", *nox.project.dependency_groups(PYPROJECT, "test")
+    )
     paths = [
         "tests",
         *(f"plugins/{p}/tests" for p in SELECTED if (ROOT / "plugins" / p / "tests").is_dir()),

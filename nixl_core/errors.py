@@ -11,7 +11,7 @@ subclasses the builtin that best describes it, so generic ``except ValueError`` 
      │    └── DuplicateBackendError                 INVALID_PARAM  a second backend of one type
      ├── InvalidParamError (ValueError)             INVALID_PARAM
      │    ├── InvalidDescriptorError                INVALID_PARAM  malformed descriptor, bad index
-     │    │    └── UnregisteredDescriptorError      NOT_FOUND      outside every registration (also a NotFoundError)
+     │    │    └── UnregisteredDescriptorError      NOT_FOUND      outside every registration
      │    ├── LengthMismatchError                   INVALID_PARAM  local/remote count or length differ
      │    └── RegistrationError                     INVALID_PARAM  duplicate/overlapping/unknown region
      ├── MemTypeError (TypeError)                   INVALID_PARAM  wrong or unknown memory type
@@ -20,6 +20,7 @@ subclasses the builtin that best describes it, so generic ``except ValueError`` 
      │    │    └── StaleHandleError                 NOT_FOUND      its peer was dropped or restarted since
      │    └── MetadataTimeoutError (TimeoutError)   NOT_FOUND      a fetched peer's metadata never came
      ├── MetadataError (ValueError)                 MISMATCH       truncated/corrupt/unknown version
+     ├── MetadataStoreError                         BACKEND        metadata store unreachable or refused
      ├── NotAllowedError                            NOT_ALLOWED    e.g. changed blob for a known region
      ├── RepostActiveError                          REPOST_ACTIVE  post/release of a running request
      ├── NotPostedError                             NOT_POSTED     never posted, released, or no telemetry yet
@@ -55,6 +56,7 @@ __all__ = [
     "LengthMismatchError",
     "MemTypeError",
     "MetadataError",
+    "MetadataStoreError",
     "MetadataTimeoutError",
     "NixlError",
     "NotAllowedError",
@@ -236,6 +238,26 @@ class MetadataError(NixlError, ValueError):
         self.offset = offset
         if offset is not None:
             msg = f"{msg} (at byte {offset})"
+        super().__init__(msg)
+
+
+class MetadataStoreError(NixlError):
+    """The metadata store (etcd) could not be reached, timed out, or refused a request.
+
+    The message names the endpoint(s) and the operation.
+
+    Attributes:
+        endpoint: the endpoint (or comma-separated endpoints) tried, when known.
+        operation: what was being done ("publish", "get", "watch", ...), when known.
+    """
+
+    status = Status.ERR_BACKEND
+
+    def __init__(
+        self, msg: str, *, endpoint: str | None = None, operation: str | None = None
+    ) -> None:
+        self.endpoint = endpoint
+        self.operation = operation
         super().__init__(msg)
 
 
