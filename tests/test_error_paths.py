@@ -21,6 +21,7 @@ from nixl_core import (
     PluginError,
     RegistrationError,
     RemoteDisconnectError,
+    StaleHandleError,
     TransferCanceledError,
     TransferError,
     XferStatus,
@@ -260,3 +261,40 @@ def test_one_failing_backend_leaves_the_others_registered(caplog: pytest.LogCapt
             req.post()
             assert req.wait(5.0) is XferStatus.DONE
         np.testing.assert_array_equal(src, dst)
+
+
+def test_in_flight_requests_to_a_dropped_peer_end_in_typed_errors(pair: Any) -> None:
+    """Requests still in flight when their peer goes end in ERROR with the reason: canceled by
+    remove_remote(), disconnected when the peer restarted or invalidated itself; their lists
+    and requests are stale afterwards."""
+    a, b, sb, src, dst = pair
+    sb.then = (XferStatus.IN_PROGRESS, None)
+    req = _req(a, src, dst)
+    req.post()
+    a.remove_remote("b")
+    assert isinstance(req.error, TransferCanceledError) and "remove_remote" in str(req.error)
+    with pytest.raises(StaleHandleError, match="removed by remove_remote"):
+        req.post()
+    req.release()
+
+    a.add_remote(b.metadata())
+    req = _req(a, src, dst)
+    req.post()
+    restarted = Agent("b", backends=["SCRIPTED"])
+    try:
+        restarted.register(dst)
+        a.add_remote(restarted.metadata())  # same name, new incarnation
+        assert isinstance(req.error, RemoteDisconnectError) and "restarted" in str(req.error)
+        with pytest.raises(StaleHandleError, match="restarted"):
+            req.post()
+        req.release()
+        req = _req(a, src, dst)
+        req.post()
+        a._invalidate_remote("b", b.incarnation, "invalidated its metadata")  # not loaded: no-op
+        assert req.error is None
+        a._invalidate_remote("b", restarted.incarnation, "invalidated its metadata")
+        assert isinstance(req.error, RemoteDisconnectError)
+        assert "b" not in a.remote_agents
+        req.release()
+    finally:
+        restarted.close()

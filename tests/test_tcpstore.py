@@ -63,19 +63,27 @@ def test_watch_reports_puts_and_deletes(master: Any) -> None:
     writer.publish("b", "metadata", b"v1")
     events: list[StoreEvent] = []
     cancel = reader.watch("b", events.append)
+
+    def seen(kind: str) -> StoreEvent:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            found = [e for e in events if e.kind == kind]
+            if found:
+                return found[0]
+            time.sleep(0.01)
+        pytest.fail(f"no {kind} event: {events}")
+
     writer.publish("b", "metadata", b"v2")
-    deadline = time.monotonic() + 5
-    while not events and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert events[0].kind == "put" and events[0].value == b"v2" and events[0].prev == b"v1"
+    put = seen("put")
+    assert put.value == b"v2" and put.prev == b"v1" and put.label == "metadata"
     writer.remove("b")
-    while len(events) < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert events[1].kind == "delete" and events[1].prev == b"v2"
+    gone = seen("delete")
+    assert gone.prev == b"v2" and gone.value is None
     cancel()
+    n = len(events)
     writer.publish("b", "metadata", b"v3")
     time.sleep(0.3)
-    assert len(events) == 2
+    assert len(events) == n
     reader.close()
     writer.close()
 

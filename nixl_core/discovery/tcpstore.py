@@ -16,6 +16,7 @@ torch is imported when a store is made, never at module import.
 from __future__ import annotations
 
 import datetime
+import importlib
 import logging
 import threading
 import time
@@ -61,7 +62,7 @@ class TorchTCPStore:
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise InvalidParamError(f"TCPStore endpoint {endpoint!r} is not host:port")
         try:
-            from torch.distributed import TCPStore
+            tcp_store: Any = importlib.import_module("torch.distributed").TCPStore
         except ImportError:
             raise BackendUnavailableError(
                 "the TCPStore metadata store needs torch (pip install torch)"
@@ -71,7 +72,7 @@ class TorchTCPStore:
         self.poll = poll
         self._lock = threading.Lock()  # one client connection: one request at a time
         try:
-            self._store: Any = TCPStore(
+            self._store: Any = tcp_store(
                 host,
                 int(port),
                 is_master=False,
