@@ -10,9 +10,10 @@ LOAD (load my metadata), SEND (reply with yours: a LOAD, or a NACK with the reas
 - it binds ``127.0.0.1`` unless another address is given explicitly; port 0 picks a free port
   and logs ``MD listener is listening on port N`` at INFO (NIXL's line, which scripts read);
 - a declared length above ``max_frame`` closes the connection before anything is buffered;
-- a frame must arrive whole within ``frame_timeout`` s of its first byte, and a reply be taken
-  by the peer within ``frame_timeout`` s (slow-loris peers are cut off); an idle connection
-  (between frames) is kept ``idle_timeout`` s, for peers' caches;
+- a frame must arrive whole within ``frame_timeout`` s of its first byte (a new connection's
+  first frame: of the connect), and a reply be taken by the peer within ``frame_timeout`` s
+  (slow-loris peers are cut off); an idle connection (one that sent a frame, between frames)
+  is kept ``idle_timeout`` s, for peers' caches;
 - frames of one connection are handled one at a time: while its reply waits to be sent,
   nothing more is read from it (a peer pipelining requests without reading holds one reply);
 - at most ``max_conns`` connections at once, and at most ``budget`` bytes buffered over all of
@@ -200,7 +201,9 @@ class Listener:
                 sock.close()
                 continue
             sock.setblocking(False)
-            conn = _Conn(sock, (str(addr[0]), int(addr[1])), time.monotonic())
+            now = time.monotonic()
+            conn = _Conn(sock, (str(addr[0]), int(addr[1])), now)
+            conn.started = now  # its first frame is due within frame_timeout of the connect
             self._conns[sock] = conn
             self._sel.register(sock, selectors.EVENT_READ, None)
 
