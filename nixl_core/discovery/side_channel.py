@@ -10,11 +10,16 @@ LOAD (load my metadata), SEND (reply with yours: a LOAD, or a NACK with the reas
 - it binds ``127.0.0.1`` unless another address is given explicitly; port 0 picks a free port
   and logs ``MD listener is listening on port N`` at INFO (NIXL's line, which scripts read);
 - a declared length above ``max_frame`` closes the connection before anything is buffered;
-- a frame must arrive whole within ``frame_timeout`` s of its first byte (slow-loris peers are
-  cut off); an idle connection (between frames) is kept ``idle_timeout`` s, for peers' caches;
+- a frame must arrive whole within ``frame_timeout`` s of its first byte (a new connection's
+  first frame: of the connect), and a reply be taken by the peer within ``frame_timeout`` s
+  (slow-loris peers are cut off); an idle connection (one that sent a frame, between frames)
+  is kept ``idle_timeout`` s, for peers' caches;
+- frames of one connection are handled one at a time: while its reply waits to be sent,
+  nothing more is read from it (a peer pipelining requests without reading holds one reply);
 - at most ``max_conns`` connections at once, and at most ``budget`` bytes buffered over all of
-  them: a connection that would exceed either is closed. Memory therefore stays bounded by
-  ``budget`` plus one frame being handled, whatever peers send;
+  them, frames coming in and replies going out: a connection that would exceed either is
+  closed. Memory therefore stays bounded by ``budget`` plus one frame being handled, whatever
+  peers send;
 - a frame that does not open (malformed, bad or missing HMAC tag) is dropped and logged — never
   handed on — and its connection closed. Log lines about bad peers are rate limited.
 
@@ -196,14 +201,16 @@ class Listener:
                 sock.close()
                 continue
             sock.setblocking(False)
-            conn = _Conn(sock, (str(addr[0]), int(addr[1])), time.monotonic())
+            now = time.monotonic()
+            conn = _Conn(sock, (str(addr[0]), int(addr[1])), now)
+            conn.started = now  # its first frame is due within frame_timeout of the connect
             self._conns[sock] = conn
             self._sel.register(sock, selectors.EVENT_READ, None)
 
     def _close(self, conn: _Conn) -> None:
         if self._conns.pop(conn.sock, None) is None:
             return
-        self._buffered -= len(conn.buf)
+        self._buffered -= len(conn.buf) + len(conn.out)
         with contextlib.suppress(KeyError, ValueError):
             self._sel.unregister(conn.sock)
         conn.sock.close()
@@ -236,7 +243,13 @@ class Listener:
             return
         conn.buf += data
         self._buffered += len(data)
-        while conn.sock in self._conns:
+        self._process(conn, now)
+
+    def _process(self, conn: _Conn, now: float) -> None:
+        """Handle the complete frames buffered, one at a time: while a reply waits to be sent
+        the next frame waits too (and nothing more is read), so a peer that does not read its
+        replies holds at most one."""
+        while conn.sock in self._conns and not conn.out:
             if not conn.need:
                 if len(conn.buf) < _LEN.size:
                     return
@@ -277,10 +290,17 @@ class Listener:
             self._close(conn)
             return
         if reply is not None:
-            conn.out += _LEN.pack(len(reply)) + reply
-            self._write(conn)
+            out = _LEN.pack(len(reply)) + reply
+            if self._buffered + len(out) > self.budget:
+                self._cut(conn, f"no room for a {len(out)}-byte reply in the buffer budget")
+                return
+            conn.out += out
+            self._buffered += len(out)
+            self._flush(conn)
 
-    def _write(self, conn: _Conn) -> None:
+    def _flush(self, conn: _Conn) -> None:
+        """Send what the reply has left; while some is left, wait for the socket to be
+        writable instead of reading (the reply must be taken within ``frame_timeout``)."""
         try:
             sent = conn.sock.send(conn.out)
         except (BlockingIOError, InterruptedError):
@@ -289,14 +309,29 @@ class Listener:
             self._close(conn)
             return
         del conn.out[:sent]
-        conn.touched = time.monotonic()
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.out else 0)
-        self._sel.modify(conn.sock, events, None)
+        self._buffered -= sent
+        now = time.monotonic()
+        if sent:
+            conn.touched = now
+        if conn.out:
+            if not conn.started:
+                conn.started = now
+            self._sel.modify(conn.sock, selectors.EVENT_WRITE, None)
+        else:
+            if not conn.buf:
+                conn.started = 0.0
+            self._sel.modify(conn.sock, selectors.EVENT_READ, None)
+
+    def _write(self, conn: _Conn) -> None:
+        self._flush(conn)
+        if not conn.out and conn.sock in self._conns:
+            self._process(conn, time.monotonic())  # frames that waited for the reply
 
     def _expire(self, now: float) -> None:
         for conn in list(self._conns.values()):
             if conn.started and now - conn.started > self.frame_timeout:
-                self._cut(conn, f"a frame not complete after {self.frame_timeout} s")
+                what = "a reply not taken" if conn.out else "a frame not complete"
+                self._cut(conn, f"{what} after {self.frame_timeout} s")
             elif now - conn.touched > self.idle_timeout:
                 self._close(conn)
 
@@ -307,7 +342,7 @@ class Listener:
 
     @property
     def buffered(self) -> int:
-        """Bytes buffered now over all connections."""
+        """Bytes buffered now over all connections (frames coming in, replies going out)."""
         return self._buffered
 
     def close(self) -> None:
