@@ -17,9 +17,11 @@ LOAD (load my metadata), SEND (reply with yours: a LOAD, or a NACK with the reas
 - frames of one connection are handled one at a time: while its reply waits to be sent,
   nothing more is read from it (a peer pipelining requests without reading holds one reply);
 - at most ``max_conns`` connections at once, and at most ``budget`` bytes buffered over all of
-  them, frames coming in and replies going out: a connection that would exceed either is
-  closed. Memory therefore stays bounded by ``budget`` plus one frame being handled, whatever
-  peers send;
+  them, frames coming in and replies going out. At the connection limit a new connection
+  evicts the one whose frame has been pending longest (refused only when all are idle); when
+  the budget is used up the connections holding the most are cut (the one reading, if it
+  would hold the most). So stalled or bulky peers cannot lock small requests out, and memory
+  stays bounded by ``budget`` plus one frame being handled, whatever peers send;
 - a frame that does not open (malformed, bad or missing HMAC tag) is dropped and logged — never
   handed on — and its connection closed. Log lines about bad peers are rate limited.
 
@@ -193,7 +195,7 @@ class Listener:
             except OSError as exc:  # EMFILE and friends: try again on the next event
                 logger.warning("metadata listener cannot accept: %s", exc)
                 return
-            if len(self._conns) >= self.max_conns:
+            if len(self._conns) >= self.max_conns and not self._evict_oldest():
                 self._bad(
                     "metadata listener: %d connections open; refusing %s", self.max_conns, addr[0]
                 )
@@ -206,6 +208,28 @@ class Listener:
             conn.started = now  # its first frame is due within frame_timeout of the connect
             self._conns[sock] = conn
             self._sel.register(sock, selectors.EVENT_READ, None)
+
+    def _evict_oldest(self) -> bool:
+        """At ``max_conns``: cut the connection whose unfinished frame (or untaken reply) is the
+        oldest, to let a new one in; False when every connection is idle (keep them)."""
+        busy = [c for c in self._conns.values() if c.started]
+        if not busy:
+            return False
+        oldest = min(busy, key=lambda c: c.started)
+        self._cut(oldest, f"{self.max_conns} connections open and its frame is the oldest pending")
+        return True
+
+    def _make_room(self, conn: _Conn, n: int) -> bool:
+        """Room in the budget for ``n`` more bytes of ``conn``: the connections holding the most
+        are cut until it fits; False when ``conn`` would hold at least as much as any other."""
+        mine = len(conn.buf) + len(conn.out) + n
+        while self._buffered + n > self.budget:
+            hog = max(self._conns.values(), key=lambda c: len(c.buf) + len(c.out))
+            held = len(hog.buf) + len(hog.out)
+            if held <= mine:
+                return False
+            self._cut(hog, f"the {self.budget}-byte buffer budget is used up; it holds {held}")
+        return True
 
     def _close(self, conn: _Conn) -> None:
         if self._conns.pop(conn.sock, None) is None:
@@ -238,7 +262,7 @@ class Listener:
         conn.touched = now
         if not conn.started:
             conn.started = now
-        if self._buffered + len(data) > self.budget:
+        if not self._make_room(conn, len(data)):
             self._cut(conn, f"the listener's {self.budget}-byte buffer budget is used up")
             return
         conn.buf += data
@@ -291,7 +315,7 @@ class Listener:
             return
         if reply is not None:
             out = _LEN.pack(len(reply)) + reply
-            if self._buffered + len(out) > self.budget:
+            if not self._make_room(conn, len(out)):
                 self._cut(conn, f"no room for a {len(out)}-byte reply in the buffer budget")
                 return
             conn.out += out
