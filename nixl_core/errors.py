@@ -18,6 +18,7 @@ subclasses the builtin that best describes it, so generic ``except ValueError`` 
      │    ├── UnknownAgentError                     NOT_FOUND      no metadata for that agent
      │    └── StaleHandleError                      NOT_FOUND      made against older metadata
      ├── MetadataError (ValueError)                 MISMATCH       truncated/corrupt/unknown version
+     ├── MetadataStoreError                         BACKEND        metadata store unreachable or refused
      ├── NotAllowedError                            NOT_ALLOWED    e.g. changed blob for a known region
      ├── RepostActiveError                          REPOST_ACTIVE  post/release of a running request
      ├── NotPostedError                             NOT_POSTED     never posted, released, or no telemetry yet
@@ -53,6 +54,7 @@ __all__ = [
     "LengthMismatchError",
     "MemTypeError",
     "MetadataError",
+    "MetadataStoreError",
     "NixlError",
     "NotAllowedError",
     "NotFoundError",
@@ -232,6 +234,26 @@ class MetadataError(NixlError, ValueError):
         self.offset = offset
         if offset is not None:
             msg = f"{msg} (at byte {offset})"
+        super().__init__(msg)
+
+
+class MetadataStoreError(NixlError):
+    """The metadata store (etcd) could not be reached, timed out, or refused a request.
+
+    The message names the endpoint(s) and the operation.
+
+    Attributes:
+        endpoint: the endpoint (or comma-separated endpoints) tried, when known.
+        operation: what was being done ("publish", "get", "watch", ...), when known.
+    """
+
+    status = Status.ERR_BACKEND
+
+    def __init__(
+        self, msg: str, *, endpoint: str | None = None, operation: str | None = None
+    ) -> None:
+        self.endpoint = endpoint
+        self.operation = operation
         super().__init__(msg)
 
 

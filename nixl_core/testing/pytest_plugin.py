@@ -9,8 +9,13 @@ pytest loads it in every run of anyone who installs nixl-core, so it stays small
   visible. Devices are counted only when such a test was collected, through cupy or torch if
   one of them is importable (neither is ever required), else from the NVIDIA driver's
   ``/proc`` entries; nothing here creates a CUDA context or raises;
-- it provides two fixtures, both prefixed ``nixl_``: ``nixl_cuda_device_count`` and
-  ``nixl_fresh_plugins`` (a plugin manager rediscovered for one test).
+- it provides fixtures, all prefixed ``nixl_``: ``nixl_cuda_device_count``,
+  ``nixl_fresh_plugins`` (a plugin manager rediscovered for one test), ``nixl_etcd_server``
+  (one real etcd for the session, :class:`nixl_core.testing.etcd.EtcdServer`) and ``nixl_etcd``
+  (that server with a namespace of the test's own, cleaned at teardown:
+  :class:`nixl_core.testing.etcd.EtcdFixture`). The etcd fixtures skip when there is no
+  ``etcd`` binary on PATH (or etcd3gw is not installed, for ``nixl_etcd``), and fail instead
+  when ``NIXL_REQUIRE_ETCD=1`` (CI). etcd is started only when a test asks for it.
 
 The conformance suites do not need it: their fixtures are methods of
 :class:`nixl_core.testing.BackendFixtures`.
@@ -96,6 +101,42 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def nixl_cuda_device_count() -> int:
     """Number of visible CUDA devices (0 without cupy/torch/driver)."""
     return cuda_device_count()
+
+
+def _etcd_missing(reason: str) -> None:
+    if os.environ.get("NIXL_REQUIRE_ETCD") == "1":
+        pytest.fail(f"{reason}, and NIXL_REQUIRE_ETCD=1", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def nixl_etcd_server() -> Iterator[Any]:
+    """One real etcd server for the session (an ``EtcdServer``), stopped at the end."""
+    from nixl_core.testing.etcd import EtcdServer, etcd_binary
+
+    if etcd_binary() is None:
+        _etcd_missing("no etcd binary on PATH (Debian: apt-get install etcd-server)")
+    with EtcdServer() as server:
+        yield server
+
+
+@pytest.fixture
+def nixl_etcd(nixl_etcd_server: Any, request: pytest.FixtureRequest) -> Iterator[Any]:
+    """The session's etcd with a namespace of this test's own (an ``EtcdFixture``); the
+    stores it made are closed and the namespace's keys deleted at teardown."""
+    import uuid
+
+    from nixl_core.testing.etcd import EtcdFixture
+
+    if not _importable("etcd3gw"):
+        _etcd_missing("etcd3gw is not installed (pip install 'nixl-core[etcd]')")
+    if not nixl_etcd_server.running:  # a test stopped the shared server: bring it back
+        nixl_etcd_server.start()
+    fixture = EtcdFixture(nixl_etcd_server, f"/nixl-test/{uuid.uuid4().hex[:12]}/")
+    try:
+        yield fixture
+    finally:
+        fixture.close()
 
 
 @pytest.fixture
