@@ -6,6 +6,9 @@ Wire them for a backend with one class (see :class:`BackendFixtures`)::
                   BackendFixtures):
         backend_name = "UCX"
 
+:class:`EtcdServer` runs a real etcd for tests of the etcd metadata store (the ``nixl_etcd``
+fixture of the pytest plugin hands tests one, with a namespace each: :class:`EtcdFixture`).
+
 Names are imported lazily, so that the peer process of the remote suites (which imports
 ``nixl_core.testing._peer``) and the pytest plugin do not pay for pytest-only modules.
 """
@@ -17,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from nixl_core.testing._peer import PeerBuffer, PeerError, PeerProcess
+    from nixl_core.testing.etcd import EtcdFixture, EtcdServer
     from nixl_core.testing.fixtures import BackendFixtures
     from nixl_core.testing.storage import StorageSuite
     from nixl_core.testing.suites import (
@@ -30,6 +34,8 @@ if TYPE_CHECKING:
 __all__ = [
     "BackendFixtures",
     "BadInputSuite",
+    "EtcdFixture",
+    "EtcdServer",
     "LocalXferSuite",
     "NotifSuite",
     "PeerBuffer",
@@ -43,6 +49,8 @@ __all__ = [
 _WHERE = {
     "BackendFixtures": "nixl_core.testing.fixtures",
     "BadInputSuite": "nixl_core.testing.suites",
+    "EtcdFixture": "nixl_core.testing.etcd",
+    "EtcdServer": "nixl_core.testing.etcd",
     "LocalXferSuite": "nixl_core.testing.suites",
     "NotifSuite": "nixl_core.testing.suites",
     "PeerBuffer": "nixl_core.testing._peer",
