@@ -390,20 +390,26 @@ class MetadataService:
             watched.labels.add(label)
             start = watched.cancel is None
         self._agent._load_metadata(md)
-        if start:
-
-            def on_event(ev: StoreEvent) -> None:
-                if not self._closed:
-                    self._inbox.submit(self._on_store_event, ev)
-
-            cancel = store.watch(name, on_event)
-            with self._lock:
-                kept = self._watched.get(name) is watched and watched.cancel is None
-                if kept:
-                    watched.cancel = cancel
-            if not kept:  # forgotten (or closed) meanwhile
-                cancel()
+        if start:  # off the fetch's path: opening a watch stream costs tens of ms
+            self._pool.submit(self._start_watch, name, watched)
         return name
+
+    def _start_watch(self, name: str, watched: _Watched) -> None:
+        def on_event(ev: StoreEvent) -> None:
+            if not self._closed:
+                self._inbox.submit(self._on_store_event, ev)
+
+        try:
+            cancel = self.store.watch(name, on_event)
+        except NixlError as exc:
+            logger.warning("agent %s: cannot watch %s: %s", self._agent.name, name, exc)
+            return
+        with self._lock:
+            kept = self._watched.get(name) is watched and watched.cancel is None
+            if kept:
+                watched.cancel = cancel
+        if not kept:  # forgotten (or closed), or another fetch's watch won
+            cancel()
 
     def _open_value(self, name: str, label: str, value: bytes) -> AgentMetadata:
         frame = open_frame(value, self.key, self._context(name, label))
