@@ -53,6 +53,12 @@ def _until(cond: Callable[[], bool], timeout: float = 5.0) -> bool:
         time.sleep(0.01)
 
 
+def _drain_inbox(agent: Agent) -> None:
+    """Wait until the loads and invalidations the listener handed on so far are applied (the
+    service applies them in order on one thread)."""
+    agent.md._inbox.submit(lambda: None).result(timeout=5)
+
+
 def _blocks(buf: np.ndarray, blk: int) -> DescList:
     return DescList.strided("DRAM", buf.ctypes.data, blk, buf.nbytes // blk, blk)
 
@@ -121,7 +127,7 @@ def test_publish_then_invalidate(make_agent: MakeAgent) -> None:
     other = bytes(16) if a.incarnation != bytes(16) else b"\x01" * 16
     _send_raw(_addr(b), seal(Kind.INVL, named_payload(other, "a"), None))
     assert _until(lambda: _listener(b).stats["frames"] >= 2)
-    time.sleep(0.2)  # give the inbox time to (not) act on it
+    _drain_inbox(b)
     assert b.check_remote("a")
 
     a.invalidate_metadata(addr=_addr(b)).wait(timeout=5)
@@ -254,7 +260,7 @@ def test_mismatched_keys_drop_frames(
     before = lst.stats["refused"]
     a.publish_metadata(addr=_addr(b)).wait(timeout=5)
     assert _until(lambda: lst.stats["refused"] > before)
-    time.sleep(0.1)
+    _drain_inbox(b)
     assert b.remote_agents == ()
 
     t0 = time.monotonic()
@@ -305,6 +311,6 @@ def test_partial_metadata_over_the_channel(make_agent: MakeAgent) -> None:
     b.publish_metadata(r1, conn_info=True, addr=_addr(a)).wait(timeout=5)  # again: no duplicate
     b.publish_metadata(addr=_addr(a)).wait(timeout=5)  # full: the same two regions
     assert _until(lambda: _listener(a).stats["frames"] >= 4)
-    time.sleep(0.2)
+    _drain_inbox(a)
     assert _region_count(a, "b") == 2
     assert a.remote_agents == ("b",)

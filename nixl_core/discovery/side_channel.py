@@ -15,7 +15,8 @@ LOAD (load my metadata), SEND (reply with yours: a LOAD, or a NACK with the reas
   (slow-loris peers are cut off); an idle connection (one that sent a frame, between frames)
   is kept ``idle_timeout`` s, for peers' caches;
 - frames of one connection are handled one at a time: while its reply waits to be sent,
-  nothing more is read from it (a peer pipelining requests without reading holds one reply);
+  nothing more is read from it (a peer pipelining requests without reading holds one reply),
+  and a few at a time before the other connections get their turn (none can hold the loop);
 - at most ``max_conns`` connections at once, and at most ``budget`` bytes buffered over all of
   them, frames coming in and replies going out. At the connection limit a new connection
   evicts the one whose frame has been pending longest (refused only when all are idle); when
@@ -51,6 +52,8 @@ __all__ = ["DEFAULT_MAX_FRAME", "Channel", "Listener"]
 logger = logging.getLogger(__name__)
 
 _LEN = struct.Struct("<Q")
+#: Frames of one connection handled before the others get their turn.
+_TURN = 16
 #: Largest frame accepted by default (64 MiB: the metadata of ~500k registrations).
 DEFAULT_MAX_FRAME = 64 << 20
 
@@ -140,6 +143,7 @@ class Listener:
         self._wake_r.setblocking(False)
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
         self._conns: dict[socket.socket, _Conn] = {}
+        self._ready: set[_Conn] = set()  # connections with frames left after their turn
         self._buffered = 0
         self._stop = False
         self._bad = _RateLimit()
@@ -156,7 +160,12 @@ class Listener:
     def _run(self) -> None:
         try:
             while not self._stop:
-                for sk, ev in self._sel.select(timeout=min(1.0, self.frame_timeout / 2)):
+                wait = 0.0 if self._ready else min(1.0, self.frame_timeout / 2)
+                events = self._sel.select(timeout=wait)
+                # Deadlines are judged as of this select: whatever had arrived by then is read
+                # below, so a slow pass of the loop does not count against a peer.
+                seen = time.monotonic()
+                for sk, ev in events:
                     obj = sk.fileobj
                     if obj is self._srv:
                         self._accept()
@@ -171,7 +180,11 @@ class Listener:
                             self._read(conn)
                         if ev & selectors.EVENT_WRITE and obj in self._conns:
                             self._write(conn)
-                self._expire(time.monotonic())
+                ready, self._ready = self._ready, set()
+                for conn in ready:
+                    if conn.sock in self._conns:
+                        self._process(conn, time.monotonic())
+                self._expire(seen)
         except Exception:  # the loop must not die silently
             logger.exception("metadata listener on port %d stopped", self.port)
         finally:
@@ -234,6 +247,7 @@ class Listener:
     def _close(self, conn: _Conn) -> None:
         if self._conns.pop(conn.sock, None) is None:
             return
+        self._ready.discard(conn)
         self._buffered -= len(conn.buf) + len(conn.out)
         with contextlib.suppress(KeyError, ValueError):
             self._sel.unregister(conn.sock)
@@ -272,8 +286,11 @@ class Listener:
     def _process(self, conn: _Conn, now: float) -> None:
         """Handle the complete frames buffered, one at a time: while a reply waits to be sent
         the next frame waits too (and nothing more is read), so a peer that does not read its
-        replies holds at most one."""
-        while conn.sock in self._conns and not conn.out:
+        replies holds at most one. At most ``_TURN`` frames per call: the rest wait for the
+        next pass of the loop, after every other connection's turn."""
+        for _ in range(_TURN):
+            if conn.sock not in self._conns or conn.out:
+                return
             if not conn.need:
                 if len(conn.buf) < _LEN.size:
                     return
@@ -292,6 +309,8 @@ class Listener:
             conn.need = 0
             conn.started = now if conn.buf else 0.0
             self._frame(conn, raw)
+        if conn.sock in self._conns and not conn.out:  # its turn is over, frames are left
+            self._ready.add(conn)
 
     def _frame(self, conn: _Conn, raw: bytes) -> None:
         try:
@@ -353,6 +372,8 @@ class Listener:
 
     def _expire(self, now: float) -> None:
         for conn in list(self._conns.values()):
+            if conn in self._ready:
+                continue  # its frames are in, waiting for their turn
             if conn.started and now - conn.started > self.frame_timeout:
                 what = "a reply not taken" if conn.out else "a frame not complete"
                 self._cut(conn, f"{what} after {self.frame_timeout} s")
