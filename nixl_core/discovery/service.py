@@ -399,10 +399,13 @@ class MetadataService:
             if not self._closed:
                 self._inbox.submit(self._on_store_event, ev)
 
+        if self._closed:
+            return
         try:
             cancel = self.store.watch(name, on_event)
         except NixlError as exc:
-            logger.warning("agent %s: cannot watch %s: %s", self._agent.name, name, exc)
+            if not self._closed:  # (a store closed meanwhile refuses: nothing to report)
+                logger.warning("agent %s: cannot watch %s: %s", self._agent.name, name, exc)
             return
         with self._lock:
             kept = self._watched.get(name) is watched and watched.cancel is None

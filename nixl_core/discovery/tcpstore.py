@@ -31,6 +31,8 @@ __all__ = ["TorchTCPStore"]
 logger = logging.getLogger(__name__)
 
 _ROOT = "nixl/agents"
+#: Answer of a read of a missing key (no sealed value starts like this).
+_MISSING = b"\0nixl-py: no such key\0"
 
 
 def _key(label: str, agent: str) -> str:
@@ -99,18 +101,12 @@ class TorchTCPStore:
             ) from None
 
     def _read(self, agent: str, label: str) -> bytes | None:
+        # compare_set with a marker no value holds: one round trip that answers the marker for a
+        # missing key and never blocks (check-then-get waits out the store timeout when the key
+        # is deleted in between).
         key = _key(label, agent)
-        with self._lock:
-            try:
-                if not self._store.check([key]):
-                    return None
-                return bytes(self._store.get(key))
-            except Exception as exc:
-                if "timeout" in str(exc):  # deleted between check and get
-                    return None
-                raise MetadataStoreError(
-                    f"TCPStore {self.endpoint}: get {key} failed: {str(exc).splitlines()[0]}"
-                ) from None
+        value = bytes(self._call(f"get {key}", self._store.compare_set, key, _MISSING, _MISSING))
+        return None if value == _MISSING else value
 
     # ------------------------------------------------------------------ protocol
     def publish(self, agent: str, label: str, value: bytes) -> None:
@@ -158,11 +154,13 @@ class TorchTCPStore:
             self._next_watch += 1
         seen = self._snapshot(agent)
         self._watches[wid] = (agent, callback, seen)
-        if self._thread is None:
-            self._thread = threading.Thread(
-                target=self._poll_loop, name="nixl-md-tcpstore", daemon=True
-            )
-            self._thread.start()
+        with self._lock:
+            if self._thread is None and not self._stop.is_set():
+                thread = threading.Thread(
+                    target=self._poll_loop, name="nixl-md-tcpstore", daemon=True
+                )
+                thread.start()
+                self._thread = thread  # only once started: close() may join it at any time
 
         def cancel() -> None:
             self._watches.pop(wid, None)
@@ -221,5 +219,7 @@ class TorchTCPStore:
                 self.remove(agent)
             except MetadataStoreError as exc:
                 logger.warning("closing: %s", exc)
-        if self._thread is not None:
-            self._thread.join(timeout=5.0)
+        with self._lock:
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout=5.0)
