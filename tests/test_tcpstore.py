@@ -64,17 +64,17 @@ def test_watch_reports_puts_and_deletes(master: Any) -> None:
     events: list[StoreEvent] = []
     cancel = reader.watch("b", events.append)
 
-    def seen(kind: str) -> StoreEvent:
+    def seen(kind: str, value: bytes | None = None) -> StoreEvent:
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
-            found = [e for e in events if e.kind == kind]
+            found = [e for e in events if e.kind == kind and (value is None or e.value == value)]
             if found:
                 return found[0]
             time.sleep(0.01)
         pytest.fail(f"no {kind} event: {events}")
 
     writer.publish("b", "metadata", b"v2")
-    put = seen("put")
+    put = seen("put", b"v2")
     assert put.value == b"v2" and put.prev == b"v1" and put.label == "metadata"
     writer.remove("b")
     gone = seen("delete")

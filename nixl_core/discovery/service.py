@@ -390,8 +390,8 @@ class MetadataService:
             watched.labels.add(label)
             start = watched.cancel is None
         self._agent._load_metadata(md)
-        if start:  # off the fetch's path: opening a watch stream costs tens of ms
-            self._pool.submit(self._start_watch, name, watched)
+        if start:  # before returning: a change made after the fetch must reach the watch
+            self._start_watch(name, watched)
         return name
 
     def _start_watch(self, name: str, watched: _Watched) -> None:
